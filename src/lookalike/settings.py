@@ -1,0 +1,216 @@
+"""The one configuration object.
+
+Values are resolved in this order, each layer overriding the one before:
+defaults < ``configs/configs.yaml`` (or ``LOOKALIKE_CONFIG`` / an explicit ``config_file``)
+< environment variables ``LOOKALIKE_<SETTING>`` < keyword arguments (what the CLI's flags become).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "LOOKALIKE_"
+DEFAULT_CONFIG_FILE = Path("configs/configs.yaml")
+METRICS = ("cosine", "l2")
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_AUTO = object()
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True, init=False)
+class Settings:
+    """Resolved settings. ``Settings(**overrides)`` applies the whole precedence chain with ``overrides`` on top.
+
+    ``config_file`` picks the YAML file (``None`` reads none); ``environ`` replaces ``os.environ`` (tests use it).
+    """
+
+    device: str = "cpu"
+    img_size: int | None = None  # None: the model's own input size (224 for the ImageNet backbones)
+    batch_size: int = 32
+    embedding_dim: int | None = None  # None: whatever the model produces; a number must agree with it
+    model_name: str = "efficientnet_lite0"
+    similarity_metric: str = "cosine"
+    data_dir: Path = Path("data")
+    cache_dir: Path = Path("cache")
+    index_file: Path | None = None  # default: <cache_dir>/index.faiss
+    metadata_file: Path | None = None  # default: <cache_dir>/metadata.json
+    weights_path: Path | None = None  # a local checkpoint instead of the backbone's standard weights
+    pretrained: bool = True  # False builds random weights (speed benchmarks only), with a warning
+    num_workers: int = 2  # image decoding threads that run beside inference
+    max_image_pixels: int = 40_000_000  # larger images are refused (decompression bombs)
+    config_file: Path | None = field(default=None, compare=False)  # where the YAML layer came from, if anywhere
+
+    def __init__(self, *, config_file: Any = _AUTO, environ: Mapping[str, str] | None = None, **overrides: Any):
+        env = os.environ if environ is None else environ
+        if config_file is _AUTO:
+            config_file = env.get(ENV_PREFIX + "CONFIG") or (
+                DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+            )
+        values: dict[str, Any] = {}
+        if config_file is not None:  # a null in the file means "the default"
+            values.update({k: v for k, v in _read_yaml(Path(config_file)).items() if v is not None})
+        for name in _field_names():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        unknown = sorted(set(overrides) - set(_field_names()))
+        if unknown:
+            raise SettingsError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(_field_names())}")
+        values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
+        resolved = _validate(values)
+        for f in fields(self):
+            object.__setattr__(self, f.name, resolved.get(f.name, f.default))
+        object.__setattr__(self, "config_file", Path(config_file) if config_file is not None else None)
+
+    # Derived paths, so that a changed cache_dir moves everything with it.
+    @property
+    def input_size(self) -> int:
+        """The side of the square the model sees: ``img_size`` or the model's own default."""
+        from .backbones import get_backbone
+
+        return self.img_size if self.img_size is not None else get_backbone(self.model_name).input_size
+
+    @property
+    def index_path(self) -> Path:
+        return self.index_file if self.index_file is not None else self.cache_dir / "index.faiss"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.metadata_file if self.metadata_file is not None else self.cache_dir / "metadata.json"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (validated); environment and YAML are not read again."""
+        current = {name: getattr(self, name) for name in _field_names()}
+        current.update(changes)
+        return Settings(config_file=None, environ={}, **current)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, written next to what a build produced."""
+        out = {}
+        for name in _field_names():
+            value = getattr(self, name)
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+_NULLABLE = {"img_size", "embedding_dim", "index_file", "metadata_file", "weights_path"}
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or str(value).strip().lower() in {"none", "null", "auto", ""}
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name != "config_file"]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping of setting: value, not {type(data).__name__}")
+    unknown = sorted(set(map(str, data)) - set(_field_names()))
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]!r} in {path}; known settings: {', '.join(_field_names())}")
+    return dict(data)
+
+
+def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        raise SettingsError(f"{name}={value!r} is not allowed: expected an integer from {lo} to {hi}")
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not lo <= number <= hi:
+        raise SettingsError(f"{name}={value!r} is not allowed: expected an integer from {lo} to {hi}")
+    return number
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={value!r} is not allowed: expected true or false")
+
+
+def _as_path(name: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or str(value).strip() == "":
+        raise SettingsError(f"{name}={value!r} is not allowed: expected a file system path")
+    return Path(os.path.expanduser(str(value)))
+
+
+def _validate(values: dict[str, Any]) -> dict[str, Any]:
+    from .backbones import available_backbones, get_backbone  # registry import is deferred: it pulls in torch
+
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "device":
+            text = str(value).strip().lower()
+            if not _DEVICE_RE.match(text):
+                raise SettingsError(f"device={value!r} is not allowed: expected cpu, cuda, cuda:<n> or auto")
+            out[name] = text
+        elif name == "img_size":
+            out[name] = None if _is_unset(value) else _as_int(name, value, 32, 2048)
+        elif name == "batch_size":
+            out[name] = _as_int(name, value, 1, 4096)
+        elif name == "num_workers":
+            out[name] = _as_int(name, value, 0, 64)
+        elif name == "max_image_pixels":
+            out[name] = _as_int(name, value, 1, 1_000_000_000)
+        elif name == "embedding_dim":
+            out[name] = None if _is_unset(value) else _as_int(name, value, 1, 65536)
+        elif name == "model_name":
+            text = str(value).strip()
+            if text not in available_backbones():
+                raise SettingsError(
+                    f"model_name={value!r} is not allowed: known models are {', '.join(available_backbones())}"
+                )
+            out[name] = text
+        elif name == "similarity_metric":
+            text = str(value).strip().lower()
+            if text not in METRICS:
+                raise SettingsError(f"similarity_metric={value!r} is not allowed: expected one of {', '.join(METRICS)}")
+            out[name] = text
+        elif name in {"data_dir", "cache_dir"}:
+            out[name] = _as_path(name, value)
+        elif name in {"index_file", "metadata_file", "weights_path"}:
+            out[name] = None if value is None else _as_path(name, value)
+        elif name == "pretrained":
+            out[name] = _as_bool(name, value)
+    model = out.get("model_name", Settings.model_name)
+    dim = out.get("embedding_dim")
+    if dim is not None and dim != get_backbone(model).dim:
+        raise SettingsError(
+            f"embedding_dim={dim} is not allowed with model_name={model!r}: that model produces "
+            f"{get_backbone(model).dim}-d vectors (leave embedding_dim unset to follow the model)"
+        )
+    return out
+
+
+def settings_fields() -> list[dataclasses.Field]:
+    """The user-facing settings, in declaration order (the CLI builds its flags from these)."""
+    return [f for f in fields(Settings) if f.name != "config_file"]

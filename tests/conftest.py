@@ -1,0 +1,99 @@
+"""Shared fixtures: settings that never touch the user's config, synthetic catalogs, the real-photo folder."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike import Settings
+
+GROCERY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grocery"
+
+# Distinct looks for synthetic products: background colour, foreground colour, shape.
+LOOKS = [
+    ((230, 40, 40), (250, 250, 250), "disc"),
+    ((40, 160, 40), (20, 20, 20), "bar"),
+    ((40, 60, 220), (250, 220, 0), "cross"),
+    ((240, 200, 30), (120, 0, 120), "disc"),
+    ((20, 20, 20), (0, 200, 220), "bar"),
+    ((200, 200, 200), (200, 20, 120), "cross"),
+]
+
+
+def product_image(look: int, variant: int, size: int = 96) -> Image.Image:
+    """A synthetic product photo: one look per product, small seeded changes per variant."""
+    bg, fg, shape = LOOKS[look % len(LOOKS)]
+    rng = np.random.default_rng(1000 * look + variant)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = bg
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy = size / 2 + rng.integers(-6, 7), size / 2 + rng.integers(-6, 7)
+    if shape == "disc":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < (size / 4) ** 2
+    elif shape == "bar":
+        mask = np.abs(yy - cy) < size / 8
+    else:
+        mask = (np.abs(yy - cy) < size / 10) | (np.abs(xx - cx) < size / 10)
+    img[mask] = fg
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_catalog(root: Path, products: dict[str, int], *, start_variant: int = 0, fmt: str = "jpg") -> list[Path]:
+    """``root/<product>/<n>.jpg`` for each product; product ``i`` gets look ``i``."""
+    paths = []
+    for look, (product, count) in enumerate(products.items()):
+        folder = root / product
+        folder.mkdir(parents=True, exist_ok=True)
+        for v in range(start_variant, start_variant + count):
+            path = folder / f"{product}-{v:02d}.{fmt}"
+            product_image(look, v).save(path)
+            paths.append(path)
+    return paths
+
+
+PRODUCTS = {"red-disc": 3, "green-bar": 3, "blue-cross": 2, "yellow-disc": 2}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for tests: tiny random backbone, temp folders, no YAML, no environment."""
+
+    def make(**overrides) -> Settings:
+        values = dict(
+            model_name="test_tiny",
+            data_dir=tmp_path / "catalog",
+            cache_dir=tmp_path / "cache",
+            batch_size=4,
+            num_workers=2,
+        )
+        values.update(overrides)
+        return Settings(config_file=None, environ={}, **values)
+
+    return make
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Path:
+    """A small synthetic catalog of four products."""
+    root = tmp_path / "catalog"
+    write_catalog(root, PRODUCTS)
+    return root
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def grocery() -> Path:
+    if not (GROCERY / "catalog").is_dir():
+        pytest.skip(f"real product photos not found at {GROCERY} (see ../shared/data/README.md)")
+    return GROCERY
