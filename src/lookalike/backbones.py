@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -110,12 +109,17 @@ def build_backbone(name: str, *, weights_path: Path | None = None, pretrained: b
     return LoadedBackbone(spec, module, fingerprint)
 
 
-def _load_exact(module: Any, state: dict, name: str) -> None:
+def _load_exact(module: Any, state: Any, name: str) -> None:
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):
             if wrapper in state and isinstance(state[wrapper], dict):
                 state = state[wrapper]
-    result = module.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"weights for model {name!r} must be a state dict, got {type(state).__name__}")
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit: a checkpoint of another architecture
+        raise ValueError(f"weights do not fit model {name!r}: {str(exc).splitlines()[-1].strip()}") from None
     # Classifier heads that the feature model drops may be left over; everything else must match.
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier.", "_fc."))]
     if result.missing_keys or unexpected:
@@ -160,24 +164,23 @@ def _hub_checkpoint(url: str, name: str) -> Path:
         return target
     logger.info("downloading %s weights from %s to %s", name, url, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
     try:
-        with (
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-            tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp,
-        ):
-            shutil.copyfileobj(response, tmp)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out)
         # torchvision names files <arch>-<first hex digits of sha256>.pth; check them like torch.hub does.
         expected = os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]
-        if expected and not file_sha256(Path(tmp.name)).startswith(expected):
-            os.unlink(tmp.name)
+        if expected and not file_sha256(part).startswith(expected):
             raise WeightsUnavailableError(f"downloaded {name} weights from {url} do not match their checksum")
-        os.replace(tmp.name, target)
+        os.replace(part, target)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise WeightsUnavailableError(
             f"the ImageNet weights of {name} are not cached ({target}) and cannot be downloaded from {url}: {exc}. "
             f"Either run once with internet access so torchvision caches them, or download that file yourself "
             f"and set weights_path (LOOKALIKE_WEIGHTS_PATH) to it. efficientnet_lite0 works offline out of the box."
         ) from None
+    finally:
+        part.unlink(missing_ok=True)  # a broken-off or rejected download leaves nothing behind
     return target
 
 

@@ -22,8 +22,7 @@ def _common_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", metavar="FILE", help="YAML settings file (default: configs/configs.yaml)")
     for f in settings_fields():
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE", default=None)
-    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    group.add_argument("-v", "--verbose", action="count", default=0, help="progress messages (-vv: debug)")
     return common
 
 
@@ -192,7 +191,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     try:

@@ -25,6 +25,7 @@ from .store import (
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
     CachedEmbeddings,
+    DataManager,
     EmbeddingCache,
     IndexFileError,
     new_build_id,
@@ -125,7 +126,12 @@ class ImageSearchEngine:
         return self._state
 
     def _cache(self) -> EmbeddingCache:
-        return EmbeddingCache(self.settings.cache_dir, self.extractor.fingerprint)
+        return EmbeddingCache.for_catalog(self.settings.cache_dir, self.extractor.fingerprint, self.data_root)
+
+    @property
+    def data_manager(self) -> DataManager:
+        """The seed's DataManager, sharing this engine's embedding cache."""
+        return DataManager(self.settings, fingerprint=self.extractor.fingerprint)
 
     # --- building ---------------------------------------------------------------------------------------
 
@@ -159,7 +165,7 @@ class ImageSearchEngine:
             images=state.index.ntotal,
             products=len(set(state.product_ids)),
             extracted=extracted,
-            reused=len(images) - extracted,
+            reused=len(images) - extracted - len(errors),
             skipped=skipped,
             seconds=time.perf_counter() - start,
         )
@@ -334,7 +340,7 @@ class ImageSearchEngine:
         All or nothing: if any photo cannot be used, nothing changes and the error names it.
         """
         _check_product_id(product_id)
-        sources = [Path(p).expanduser() for p in paths]
+        sources = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))  # each file once
         if not sources:
             raise ValueError("add_images needs at least one image path")
         for src in sources:
@@ -394,8 +400,13 @@ class ImageSearchEngine:
             if folder.is_dir():
                 trash = self.data_root / REMOVED_FOLDER
                 trash.mkdir(exist_ok=True)
-                moved_to = trash / f"{product_id}-{time.strftime('%Y%m%dT%H%M%S')}"
-                shutil.move(str(folder), str(moved_to))
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                moved_to = trash / f"{product_id}-{stamp}"
+                n = 1
+                while moved_to.exists():
+                    n += 1
+                    moved_to = trash / f"{product_id}-{stamp}-{n}"
+                folder.rename(moved_to)
             self._update_cache(remove={str(self.data_root / state.paths[i]) for i in rows})
             new = self._commit(
                 index,
@@ -470,7 +481,7 @@ def embed_with_cache(
     """Vectors for ``images``: from ``cache`` where the file is unchanged (unless ``force``), extracted otherwise.
 
     The cache is then rewritten to hold exactly these images. Returns (vectors (n, dim), whose rows are zero where
-    extraction failed; formats; errors by position; how many were extracted).
+    extraction failed; formats; errors by position; how many were extracted successfully).
     """
     cached = CachedEmbeddings() if force else cache.load()
     lookup = cached.lookup()
@@ -501,7 +512,7 @@ def embed_with_cache(
             vectors[good],
         )
     )
-    return vectors, formats, errors, len(todo)
+    return vectors, formats, errors, len(todo) - len(errors)
 
 
 def _check_top_k(top_k: int) -> None:

@@ -45,15 +45,7 @@ def precision_at_k(ranked: Sequence[Label], label: Label, k: int) -> float:
 
 
 def average_precision_at_r(ranked: Sequence[Label], label: Label, r: int) -> float:
-    if r < 1:
-        raise ValueError(f"R must be at least 1 (the query's product needs a catalog image), got {r}")
-    hits = 0
-    total = 0.0
-    for i, x in enumerate(ranked[:r], start=1):
-        if x == label:
-            hits += 1
-            total += hits / i
-    return total / r
+    return _ap_at_r({label}, list(ranked), r)
 
 
 def reciprocal_rank(ranked: Sequence[Label], label: Label) -> float:
@@ -138,14 +130,21 @@ class EvaluationUtils:
     def calculate_map_at_r(
         true_labels: Any, predicted_labels: Sequence[Any], num_relevant: int | Sequence[int]
     ) -> float:
-        """MAP@R (Musgrave et al. 2020); ``num_relevant`` is R (one per query for many queries)."""
+        """MAP@R (Musgrave et al. 2020): ``(1/R) * sum_{i<=R} precision@i * relevant(i)``.
+
+        ``num_relevant`` is R, the number of relevant catalog items (one R per query for many queries).
+        """
         if _is_batch(predicted_labels):
-            return float(
-                np.mean(
-                    [average_precision_at_r(p, t, r) for p, t, r in zip(predicted_labels, true_labels, num_relevant)]
+            rs = list(num_relevant)  # type: ignore[arg-type]
+            if not (len(true_labels) == len(predicted_labels) == len(rs)):
+                raise ValueError(
+                    f"{len(true_labels)} true labels, {len(predicted_labels)} ranked lists and {len(rs)} values of R: "
+                    "give one of each per query"
                 )
+            return float(
+                np.mean([_ap_at_r(_as_set(t), list(p), int(r)) for t, p, r in zip(true_labels, predicted_labels, rs)])
             )
-        return average_precision_at_r(predicted_labels, true_labels, int(num_relevant))  # type: ignore[arg-type]
+        return _ap_at_r(_as_set(true_labels), list(predicted_labels), int(num_relevant))  # type: ignore[arg-type]
 
     @staticmethod
     def calculate_mrr(true_labels: Any, predicted_labels: Sequence[Any]) -> float:
@@ -155,6 +154,17 @@ class EvaluationUtils:
             return next((1.0 / i for i, x in enumerate(pred, start=1) if x in rel), 0.0)
 
         return _per_query(true_labels, predicted_labels, rr)
+
+
+def _ap_at_r(relevant: set, ranked: list, r: int) -> float:
+    if r < 1:
+        raise ValueError(f"R must be at least 1, got {r}")
+    hits, total = 0, 0.0
+    for i, x in enumerate(ranked[:r], start=1):
+        if x in relevant:
+            hits += 1
+            total += hits / i
+    return total / r
 
 
 def _is_batch(predicted_labels: Sequence[Any]) -> bool:
@@ -221,7 +231,7 @@ def evaluate(
         else:
             protocol = "queries"
             images = scan_catalog(queries_dir)
-            cache = EmbeddingCache(eval_settings.cache_dir, extractor.fingerprint + "-queries")
+            cache = EmbeddingCache.for_catalog(eval_settings.cache_dir, extractor.fingerprint, Path(queries_dir))
             vectors, _, errors, _ = embed_with_cache(extractor, images, cache, progress=progress)
             good = [i for i in range(len(images)) if i not in errors]
             query_vectors = vectors[good]

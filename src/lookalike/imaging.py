@@ -17,7 +17,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
 
 # Decoders we accept. Pillow can open many more (EPS would run Ghostscript); untrusted input gets only these.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+# (Multi-picture JPEGs, "MPO", come through the JPEG opener.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -63,6 +64,8 @@ def open_image(source: ImageSource, max_pixels: int, *, draft_size: int | None =
     else:
         path = Path(source)
         try:
+            if path.is_dir():
+                raise IsADirectoryError
             if path.stat().st_size == 0:
                 raise ImageError(name, "empty file (0 bytes)")
             fp = open(path, "rb")  # noqa: SIM115 - closed below
@@ -121,8 +124,10 @@ def _to_rgb(name: str, img: Image.Image) -> Image.Image:
         lo = float(arr.min()) if arr.size else 0.0
         if mode == "F":
             scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        elif mode.startswith("I;16") or hi > 255:
+            scaled = arr / 257.0  # 16-bit data spans 0..65535
         else:
-            scaled = arr / 257.0 if hi > 255 else arr  # 16-bit data spans 0..65535
+            scaled = arr  # 32-bit integer mode holding 8-bit values
         return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")

@@ -93,7 +93,9 @@ class Settings:
         """A copy with ``changes`` applied (validated); environment and YAML are not read again."""
         current = {name: getattr(self, name) for name in _field_names()}
         current.update(changes)
-        return Settings(config_file=None, environ={}, **current)
+        out = Settings(config_file=None, environ={}, **current)
+        object.__setattr__(out, "config_file", self.config_file)  # still where these values came from
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values, written next to what a build produced."""
@@ -198,7 +200,7 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
         elif name in {"data_dir", "cache_dir"}:
             out[name] = _as_path(name, value)
         elif name in {"index_file", "metadata_file", "weights_path"}:
-            out[name] = None if value is None else _as_path(name, value)
+            out[name] = None if _is_unset(value) else _as_path(name, value)
         elif name == "pretrained":
             out[name] = _as_bool(name, value)
     model = out.get("model_name", Settings.model_name)

@@ -110,10 +110,17 @@ class CachedEmbeddings:
 
 
 class EmbeddingCache:
-    """``<cache_dir>/embeddings/<fingerprint>.npz``: one file per model fingerprint, so models never mix."""
+    """``<cache_dir>/embeddings/<fingerprint>-<folder>.npz``: one file per model fingerprint and catalog folder,
+    so models never mix and one catalog never evicts another's vectors."""
 
-    def __init__(self, cache_dir: Path, fingerprint: str):
-        self.path = Path(cache_dir) / "embeddings" / f"{fingerprint}.npz"
+    def __init__(self, cache_dir: Path, name: str):
+        self.path = Path(cache_dir) / "embeddings" / f"{name}.npz"
+
+    @classmethod
+    def for_catalog(cls, cache_dir: Path, fingerprint: str, root: Path) -> EmbeddingCache:
+        """The cache of one catalog folder: evaluating another folder never evicts this one's vectors."""
+        folder = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:8]
+        return cls(cache_dir, f"{fingerprint}-{folder}")
 
     def load(self) -> CachedEmbeddings:
         """The cache, or an empty one if there is none or it cannot be read (it is only a cache)."""
@@ -249,7 +256,7 @@ class DataManager:
 
     @property
     def cache(self) -> EmbeddingCache:
-        return EmbeddingCache(self.settings.cache_dir, self.fingerprint)
+        return EmbeddingCache.for_catalog(self.settings.cache_dir, self.fingerprint, self.settings.data_dir)
 
     def load_dataset(self) -> tuple[list[str], list[str]]:
         """(image_paths, product_ids) of every image under ``data_dir``, sorted; raises CatalogError if none."""

@@ -1,0 +1,44 @@
+# lookalike: every target sets up what it needs first (a virtual environment in .venv).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# PyTorch pair that installs offline on the build machines; override with `make TORCH="torch torchvision"`.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+GROCERY ?= ../shared/data/grocery
+
+.PHONY: setup demo test test-fast lint format eval clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the main job on the offline default: index a catalog of real photos and search it, no network
+demo: setup
+	$(VENV)/bin/lookalike demo
+
+## lint, then every test (fast and slow; slow ones skip with a reason when the real photos are absent)
+test: setup lint
+	$(VENV)/bin/pytest -m "slow or not slow"
+
+test-fast: setup
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: setup
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+## retrieval quality on the Grocery Store photos (photo -> catalog)
+eval: setup
+	$(VENV)/bin/lookalike eval --catalog $(GROCERY)/catalog --queries $(GROCERY)/queries --json results/eval.json
+
+clean:
+	rm -rf $(VENV) cache results .pytest_cache .ruff_cache
