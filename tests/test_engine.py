@@ -877,3 +877,29 @@ def test_get_statistics_for_l2_and_an_odd_number_of_products(make_settings, tmp_
     stats = eng.get_statistics()
     assert stats["images_per_product"] == {"min": 1, "median": 1.5, "max": 2}
     assert stats["build_id"] != first[1]
+
+
+# --- "more like this" and image lookup by id -------------------------------------------------------------
+
+
+def test_similar_to_product_leaves_the_product_out_and_ranks_the_others(ro_engine):
+    hits = ro_engine.similar_to_product("red-disc", top_k=10)
+    products = [h["product_id"] for h in hits]
+    assert "red-disc" not in products
+    assert sorted(products) == sorted(set(PRODUCTS) - {"red-disc"})  # every other product, once
+    assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+    sims = [h["similarity"] for h in hits]
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_similar_to_product_unknown_product_raises(ro_engine):
+    with pytest.raises(UnknownProductError):
+        ro_engine.similar_to_product("no-such-product")
+
+
+def test_image_file_resolves_ids_from_results_and_refuses_others(ro_engine, ro_queries):
+    hit = ro_engine.search(ro_queries[0], top_k=1)[0]
+    assert ro_engine.image_file(hit["image_id"]) == Path(hit["image_path"])
+    for bad in ["../../etc/passwd", "", "0" * 16, hit["image_path"]]:
+        with pytest.raises(LookupError):
+            ro_engine.image_file(bad)

@@ -279,6 +279,34 @@ class ImageSearchEngine:
         _check_top_k(top_k)
         return self._rank(self._require_state(), np.atleast_2d(vectors), top_k, by_product, min_similarity)
 
+    def similar_to_product(
+        self, product_id: str, top_k: int = 5, *, min_similarity: float | None = None
+    ) -> list[dict[str, Any]]:
+        """More like this: the other products that look most like ``product_id`` (which is left out).
+
+        The product is represented by the mean of its indexed vectors. Raises UnknownProductError.
+        """
+        _check_top_k(top_k)
+        state = self._require_state()
+        rows = [i for i, p in enumerate(state.product_ids) if p == product_id]
+        if not rows:
+            raise UnknownProductError(product_id)
+        query = state.index.reconstruct(rows).mean(axis=0, keepdims=True)
+        others = len(set(state.product_ids)) - 1
+        hits = self._rank(state, query, min(top_k + 1, max(others + 1, 1)), True, min_similarity)[0]
+        hits = [h for h in hits if h["product_id"] != product_id][:top_k]
+        for rank, hit in enumerate(hits, start=1):
+            hit["rank"] = rank
+        return hits
+
+    def image_file(self, image_id: str) -> Path:
+        """The catalog file of an indexed image, looked up by its public id only (never by a path from outside)."""
+        state = self._require_state()
+        row = state.row_of_image.get(image_id)
+        if row is None:
+            raise LookupError(f"unknown image id {image_id!r}")
+        return self.data_root / state.paths[row]
+
     def _rank(self, state, vectors, top_k, by_product, min_similarity) -> list[list[dict[str, Any]]]:
         n = state.index.ntotal
         if n == 0:

@@ -84,6 +84,13 @@ class VectorIndex:
             scores = np.sqrt(np.maximum(scores, 0.0))  # FAISS reports squared distances
         return scores, rows
 
+    def reconstruct(self, rows: list[int] | np.ndarray) -> np.ndarray:
+        """The stored vectors of these rows, (len(rows), dim)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self._index.reconstruct(int(r)) for r in rows])
+
     def vectors(self) -> np.ndarray:
         """All stored vectors, (ntotal, dim), in row order."""
         if self.ntotal == 0:
