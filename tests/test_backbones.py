@@ -67,8 +67,8 @@ def offline(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def resnet_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A random (seed 1) resnet50 checkpoint laid out like torchvision's, classifier head included."""
-    state = random_state("resnet50", seed=1)
-    saved = dict(state, **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    state = random_state("resnet50", seed=1)  # the network keeps torchvision's layout, fc head included
+    saved = dict(state)
     path = tmp_path_factory.mktemp("weights") / "hub" / "checkpoints" / Path(TORCHVISION_URLS["resnet50"]).name
     path.parent.mkdir(parents=True)
     torch.save(saved, path)
@@ -102,8 +102,10 @@ def test_spec_dim_matches_what_the_architecture_outputs(name):
     spec = get_backbone(name)
     with torch.device("meta"):  # the real architecture and forward pass, shapes only: no weights, no arithmetic
         model = spec.architecture().eval()
-        out = model(torch.empty(1, 3, spec.input_size, spec.input_size))
-    assert tuple(out.shape) == (1, spec.dim)
+        maps = model(torch.empty(1, 3, spec.input_size, spec.input_size))
+    assert [m.shape[1] for m in maps] == [spec.dim, *spec.aux_dims]  # (main, *aux) feature maps, channels first
+    assert all(m.ndim == 4 for m in maps)
+    assert spec.raw_dim == spec.dim + sum(spec.aux_dims)
 
 
 def test_lite_architecture_runs_on_real_tensors():
@@ -112,15 +114,16 @@ def test_lite_architecture_runs_on_real_tensors():
         torch.manual_seed(0)
         model = spec.architecture().eval()
     with torch.inference_mode():
-        out = model(torch.rand(1, 3, 65, 97))  # odd sizes: TensorFlow "SAME" padding must cope
-    assert tuple(out.shape) == (1, spec.dim)
-    assert torch.isfinite(out).all()
+        main, aux = model(torch.rand(1, 3, 65, 97))  # odd sizes: TensorFlow "SAME" padding must cope
+    assert tuple(main.shape) == (1, spec.dim, 3, 4)  # ceil(65 / 32), ceil(97 / 32)
+    assert aux.shape[1] == spec.aux_dims[0]
+    assert torch.isfinite(main).all() and torch.isfinite(aux).all()
 
 
 def test_expected_sizes_and_preprocessing():
     assert (get_backbone("resnet50").dim, get_backbone("resnet50").input_size) == (2048, 224)
     assert (get_backbone("efficientnet_b0").dim, get_backbone("efficientnet_b0").input_size) == (1280, 224)
-    for n, size in ((0, 224), (1, 240), (2, 260)):
+    for n, size in ((0, 256), (1, 240), (2, 260)):  # lite0 reads 256: it retrieves better than at 224
         spec = get_backbone(f"efficientnet_lite{n}")
         assert (spec.dim, spec.input_size) == (1280, size)
         assert spec.preprocess.mean == spec.preprocess.std == (0.5, 0.5, 0.5)
@@ -135,7 +138,8 @@ def test_test_tiny_is_deterministic_and_ready_for_inference():
     assert not any(p.requires_grad for p in a.module.parameters())
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        np.testing.assert_array_equal(a.module(x).numpy(), b.module(x).numpy())
+        for map_a, map_b in zip(a.module(x), b.module(x)):
+            np.testing.assert_array_equal(map_a.numpy(), map_b.numpy())
 
 
 def test_building_does_not_disturb_the_global_random_state():

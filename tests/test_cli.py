@@ -102,7 +102,7 @@ def test_index_lists_skipped_files(catalog, flags, capsys):
 def test_search_prints_a_table(indexed, query, capsys):
     assert main(["search", str(query), *indexed]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rank", "product", "similarity", "best", "image"]
+    assert lines[0].split() == ["rank", "product", "similarity", "image"]
     assert set(lines[1]) <= {"-", " "}
     rows = [line.split() for line in lines[2:]]
     assert len(rows) == 4  # 4 products, one row each
@@ -159,16 +159,31 @@ def test_eval_writes_json(catalog, flags, tmp_path, capsys):
     assert "recall@1" in out and "map@r" in out
     assert f"wrote {out_file}" in out
     result = json.loads(out_file.read_text())
-    assert result["metrics"]["recall@1"] == 1.0
-    assert result["metrics"]["queries"] == N_IMAGES
+    metrics = result["protocols"]["photo->catalog"]["metrics"]
+    assert metrics["recall@1"] == 1.0
+    assert metrics["queries"] == N_IMAGES
     assert not (tmp_path / "cache" / "metadata.json").exists()  # evaluation leaves the user's index alone
 
 
 def test_eval_leave_one_out(catalog, flags, capsys):
     assert main(["eval", "--catalog", str(catalog), *flags]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("leave-one-out:")
-    assert f"{N_IMAGES} queries" in out
+    assert out.startswith(f"catalog {catalog}: {N_IMAGES} images of 4 products")
+    rows = [line.split() for line in out.splitlines() if line.startswith("leave-one-out")]
+    assert rows and rows[0][1] == str(N_IMAGES)  # protocol, queries, metrics...
+
+
+def test_eval_report_is_a_self_contained_page(catalog, flags, tmp_path, capsys):
+    queries = tmp_path / "queries"
+    write_catalog(queries, PRODUCTS, start_variant=50)
+    report = tmp_path / "report"
+    argv = ["eval", "--catalog", str(catalog), "--queries", str(queries), "--report", str(report), *flags]
+    assert main(argv) == 0
+    page = (report / "index.html").read_text()
+    assert "photo-&gt;catalog" in page and "leave-one-out" in page
+    assert "worst queries" in page and "Most confused" in page and "Per-product recall" in page
+    assert page.count("data:image/jpeg;base64,") >= 6  # query and result thumbnails, inlined
+    assert "http://" not in page and "https://" not in page
 
 
 def test_add_then_remove(indexed, catalog, tmp_path, capsys):

@@ -28,7 +28,8 @@ from lookalike import (
 )
 from lookalike.index import VectorIndex
 
-RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path"}
+RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path", "image_similarity"}
+IMAGE_RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path"}
 N_IMAGES = sum(PRODUCTS.values())  # 10 images of 4 products in the `catalog` fixture
 
 
@@ -210,15 +211,19 @@ def test_by_default_a_product_with_many_images_does_not_fill_the_list(make_setti
     assert summary(three) == summary(products[:3])
 
 
-def test_product_entry_is_its_best_image(ro_engine, ro_queries):
+def test_product_entry_is_its_best_image_scored_by_its_best_three(ro_engine, ro_queries):
     query = ro_queries[0]
-    best_per_product: dict[str, dict] = {}
+    per_product: dict[str, list[dict]] = {}
     for hit in all_hits(ro_engine, query):
-        best_per_product.setdefault(hit["product_id"], hit)
-    for hit in ro_engine.search(query, top_k=4):
-        best = best_per_product[hit["product_id"]]
-        assert hit["image_id"] == best["image_id"]
-        assert hit["similarity"] == pytest.approx(best["similarity"])
+        per_product.setdefault(hit["product_id"], []).append(hit)
+    hits = ro_engine.search(query, top_k=4)
+    for hit in hits:
+        images = per_product[hit["product_id"]]  # best first
+        assert hit["image_id"] == images[0]["image_id"]
+        assert hit["image_similarity"] == pytest.approx(images[0]["similarity"])
+        # the product's similarity: the mean of its best three image similarities (fewer if it has fewer)
+        assert hit["similarity"] == pytest.approx(np.mean([h["similarity"] for h in images[:3]]), abs=1e-6)
+    assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
 
 
 def test_image_level_hits_with_by_product_false(ro_engine, ro_queries):
@@ -317,7 +322,7 @@ def test_l2_distances_and_similarities_match_numpy(make_settings, catalog, queri
     distance = np.linalg.norm(query_vectors[:, None, :] - catalog_vectors[None, :, :], axis=2)
     for q, query in enumerate(queries):
         hits = all_hits(eng, query)
-        assert all(set(h) == RESULT_KEYS | {"distance"} for h in hits)
+        assert all(set(h) == IMAGE_RESULT_KEYS | {"distance"} for h in hits)
         for hit in hits:
             assert hit["distance"] == pytest.approx(distance[q, paths.index(hit["image_path"])], abs=2e-3)
             assert hit["similarity"] == pytest.approx(1.0 / (1.0 + hit["distance"]), rel=1e-6)

@@ -270,22 +270,36 @@ def test_utils_refuse_mismatched_batches_and_empty_labels():
 # --- evaluate() on synthetic catalogs -------------------------------------------------------------------------
 
 
+Q = "photo->catalog"
+LOO = "leave-one-out"
+
+
 def test_evaluate_with_a_queries_folder(make_settings, catalog, tmp_path):
     queries = tmp_path / "queries"
     write_catalog(queries, PRODUCTS, start_variant=50)  # held-out views of the same products
     result = evaluate(make_settings(), catalog, queries)
-    metrics = result["metrics"]
-    assert set(metrics) >= METRIC_KEYS
+    assert set(result["protocols"]) == {Q, LOO}  # leave-one-out runs too unless switched off
+    metrics = result["protocols"][Q]["metrics"]
+    assert set(metrics) >= METRIC_KEYS | {"product_recall@1"}
     assert metrics["queries"] == N_IMAGES
     assert metrics["recall@1"] == 1.0  # easy synthetic products: the right product first every time
     assert metrics["product_hit@5"] == 1.0
     assert metrics["mrr"] == 1.0
     assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
-    assert result["protocol"] == "queries"
     assert (result["catalog_images"], result["catalog_products"]) == (N_IMAGES, 4)
     assert result["model"]["model_name"] == "test_tiny"
-    assert result["queries_without_product_in_catalog"] == 0
-    assert result["skipped_queries"] == []
+    assert result["protocols"][Q]["queries_without_product_in_catalog"] == 0
+    assert result["protocols"][Q]["skipped_queries"] == []
+    details = result["protocols"][Q]["details"]  # per query, for reports
+    assert len(details) == N_IMAGES and all(d["products"][0] == d["label"] for d in details)
+
+
+def test_evaluate_iconic_protocol_and_no_leave_one_out(make_settings, catalog, tmp_path):
+    iconic = tmp_path / "iconic"
+    write_catalog(iconic, {p: 1 for p in PRODUCTS}, start_variant=80)
+    result = evaluate(make_settings(), catalog, iconic_dir=iconic, leave_one_out=False)
+    assert set(result["protocols"]) == {"iconic->photos"}
+    assert result["protocols"]["iconic->photos"]["metrics"]["queries"] == len(PRODUCTS)
 
 
 def test_evaluate_ignores_queries_of_products_not_in_the_catalog(make_settings, catalog, tmp_path):
@@ -296,7 +310,7 @@ def test_evaluate_ignores_queries_of_products_not_in_the_catalog(make_settings, 
     product_image(5, 1).save(stranger / "x.jpg")
     product_image(5, 2).save(stranger / "y.jpg")
     (queries / "red-disc" / "broken.jpg").write_bytes(b"")
-    result = evaluate(make_settings(), catalog, queries)
+    result = evaluate(make_settings(), catalog, queries)["protocols"][Q]
     assert result["queries_without_product_in_catalog"] == 2
     assert result["metrics"]["queries"] == N_IMAGES
     assert result["metrics"]["recall@1"] == 1.0
@@ -305,10 +319,10 @@ def test_evaluate_ignores_queries_of_products_not_in_the_catalog(make_settings, 
 
 def test_leave_one_out_on_an_easy_catalog(make_settings, catalog):
     result = evaluate(make_settings(), catalog)
-    assert result["protocol"] == "leave-one-out"
+    assert set(result["protocols"]) == {LOO}
     assert result["queries"] is None
-    assert result["metrics"]["queries"] == N_IMAGES
-    assert result["metrics"]["recall@1"] == 1.0
+    assert result["protocols"][LOO]["metrics"]["queries"] == N_IMAGES
+    assert result["protocols"][LOO]["metrics"]["recall@1"] == 1.0
 
 
 def test_leave_one_out_excludes_the_query_image_itself(make_settings, tmp_path):
@@ -320,7 +334,7 @@ def test_leave_one_out_excludes_the_query_image_itself(make_settings, tmp_path):
         (root / product).mkdir(parents=True)
         product_image(0, variant).save(root / product / "look0.jpg")
         product_image(2, variant).save(root / product / "look2.jpg")
-    metrics = evaluate(make_settings(), root)["metrics"]
+    metrics = evaluate(make_settings(), root)["protocols"][LOO]["metrics"]
     assert metrics["queries"] == 4
     assert metrics["recall@1"] == 0.0
     assert metrics["map@r"] == 0.0  # R = 1 (the only other image of its product), and place 1 is wrong
@@ -332,8 +346,8 @@ def test_leave_one_out_skips_products_with_a_single_image(make_settings, catalog
     product_image(5, 0).save(catalog / "solo" / "only.jpg")
     result = evaluate(make_settings(), catalog)
     assert result["catalog_images"] == N_IMAGES + 1
-    assert result["metrics"]["queries"] == N_IMAGES  # solo has nothing left to find
-    assert result["queries_without_product_in_catalog"] == 1
+    assert result["protocols"][LOO]["metrics"]["queries"] == N_IMAGES  # solo has nothing left to find
+    assert result["protocols"][LOO]["queries_without_product_in_catalog"] == 1
 
 
 def test_evaluate_with_l2(make_settings, catalog, tmp_path):
@@ -341,7 +355,7 @@ def test_evaluate_with_l2(make_settings, catalog, tmp_path):
     write_catalog(queries, PRODUCTS, start_variant=50)
     result = evaluate(make_settings(similarity_metric="l2"), catalog, queries)
     assert result["metric"] == "l2"
-    assert result["metrics"]["recall@1"] == 1.0
+    assert result["protocols"][Q]["metrics"]["recall@1"] == 1.0
 
 
 def test_evaluate_does_not_write_the_users_index(make_settings, catalog, tmp_path):

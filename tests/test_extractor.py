@@ -15,7 +15,8 @@ from conftest import jpeg_bytes, product_image
 from lookalike import FeatureExtractor, ImageError, Settings
 from lookalike.backbones import get_backbone
 
-DIM = 64  # test_tiny
+DIM = 64  # test_tiny's embedding
+RAW_DIM = 96  # ... followed by its 32 auxiliary features (what extract() returns and the cache keeps)
 CLOSE = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -170,7 +171,7 @@ def test_empty_batch(extractor):
     out = extractor.extract_batch_features([])
     assert out.shape == (0, DIM)
     result = extractor.extract([])
-    assert result.vectors.shape == (0, DIM)
+    assert result.vectors.shape == (0, RAW_DIM)
     assert result.ok == [] and result.errors == {}
 
 
@@ -206,16 +207,16 @@ def test_extract_skips_bad_images_and_reports_them(
     assert "empty" in result.errors[5]
     assert result.errors[7] == "file not found"
     assert result.formats == ["JPEG"] * 4
-    assert result.vectors.shape == (4, DIM)
+    assert result.vectors.shape == (4, RAW_DIM)
     assert result.vectors.dtype == np.float32
-    np.testing.assert_allclose(result.vectors, reference[:4], **CLOSE)
+    np.testing.assert_allclose(result.vectors[:, :DIM], reference[:4], **CLOSE)  # raw vectors start with the embedding
 
 
 def test_extract_with_every_image_bad(extractor, empty_jpg, truncated_jpg):
     result = extractor.extract([empty_jpg, truncated_jpg])
     assert result.ok == []
     assert sorted(result.errors) == [0, 1]
-    assert result.vectors.shape == (0, DIM)
+    assert result.vectors.shape == (0, RAW_DIM)
 
 
 def test_extract_refuses_oversized_images_without_stopping(make_settings, photos, tmp_path):
@@ -240,7 +241,7 @@ def test_extract_reads_every_allowed_format(extractor, tmp_path, photos):
     assert result.errors == {}
     assert result.formats == ["PNG", "WEBP", "BMP"]
     for vec in result.vectors:  # lossless copies of the same pixels
-        np.testing.assert_allclose(vec, expected, **CLOSE)
+        np.testing.assert_allclose(vec[:DIM], expected, **CLOSE)
 
 
 def test_text_file_named_jpg_is_reported_as_not_an_image(extractor, photos, tmp_path):

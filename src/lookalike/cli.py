@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import Settings, settings_fields
+from .settings import SECRET_SETTINGS, Settings, settings_fields
 
 logger = logging.getLogger("lookalike")
 
@@ -21,6 +21,8 @@ def _common_parser() -> argparse.ArgumentParser:
     group = common.add_argument_group("settings (override configs/configs.yaml and LOOKALIKE_* variables)")
     group.add_argument("--config", metavar="FILE", help="YAML settings file (default: configs/configs.yaml)")
     for f in settings_fields():
+        if f.name in SECRET_SETTINGS:  # secrets come from the environment or the file, never from `ps`
+            continue
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE", default=None)
     group.add_argument("-v", "--verbose", action="count", default=0, help="progress messages (-vv: debug)")
     return common
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--images", action="store_true", help="image-level hits instead of one entry per product")
     p.add_argument("--min-similarity", type=float, default=None)
+    p.add_argument("--only-matches", action="store_true", help="drop results under the calibrated no-match threshold")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("stats", parents=[common], help="catalog and index statistics")
@@ -47,8 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", parents=[common], help="measure retrieval quality on a labelled catalog")
     p.add_argument("--catalog", required=True, help="catalog folder to index (<product>/<images>)")
-    p.add_argument("--queries", help="query folder with the same layout; omitted: leave-one-out over the catalog")
+    p.add_argument("--queries", help="photos to search with, same layout (the folder names the right product)")
+    p.add_argument("--iconic", help="studio shots to search with, same layout (cross-domain protocol)")
+    p.add_argument("--no-loo", action="store_true", help="skip leave-one-out over the catalog")
+    p.add_argument(
+        "--leave-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure 'not in my catalog' with N products left out of the index (needs --queries)",
+    )
     p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--report", metavar="DIR", help="write an HTML report (worst queries, confusions) to DIR")
+
+    p = sub.add_parser("tune", parents=[common], help="fit a projection on the catalog's own products and reindex")
 
     p = sub.add_parser("add", parents=[common], help="add images to a product (copied into data_dir) and index them")
     p.add_argument("product_id")
@@ -56,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("remove", parents=[common], help="remove a product from the index")
     p.add_argument("product_id")
+
+    p = sub.add_parser("serve", parents=[common], help="HTTP API and web page over the index (see docs/server.md)")
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
     p = sub.add_parser("demo", parents=[common], help="offline demo on photos shipped with scikit-image")
     p.add_argument("--workdir", help="where to write the demo catalog and index (default: a temporary folder)")
@@ -100,15 +118,24 @@ def cmd_index(args, settings: Settings) -> int:
 
 def cmd_search(args, settings: Settings) -> int:
     hits = _engine(settings).search(
-        args.image, top_k=args.top_k, by_product=not args.images, min_similarity=args.min_similarity
+        args.image,
+        top_k=args.top_k,
+        by_product=not args.images,
+        min_similarity=args.min_similarity,
+        only_matches=args.only_matches,
     )
     if args.json:
         print(json.dumps(hits, indent=2))
     elif not hits:
         print("no match")
     else:
+        header = ["rank", "product", "similarity", "image"]
         rows = [[h["rank"], h["product_id"], f"{h['similarity']:.3f}", h["image_path"]] for h in hits]
-        print(_table(rows, ["rank", "product", "similarity", "best image"]))
+        if "match" in hits[0]:
+            header.insert(3, "match")
+            for row, h in zip(rows, hits):
+                row.insert(3, "yes" if h["match"] else "no")
+        print(_table(rows, header))
     return 0
 
 
@@ -129,20 +156,62 @@ def cmd_stats(args, settings: Settings) -> int:
 def cmd_eval(args, settings: Settings) -> int:
     from .evaluation import evaluate
 
-    result = evaluate(settings, args.catalog, args.queries)
-    metrics = result["metrics"]
-    name = "leave-one-out" if args.queries is None else f"{args.queries} -> {args.catalog}"
+    result = evaluate(
+        settings,
+        args.catalog,
+        args.queries,
+        iconic_dir=args.iconic,
+        leave_one_out=not args.no_loo,
+        leave_out_products=args.leave_out,
+    )
+    tuning = result["tuning"].get("status", "off")
     print(
-        f"{name}: {result['catalog_images']} catalog images, {metrics['queries']} queries, "
-        f"model {result['model']['model_name']}"
+        f"catalog {args.catalog}: {result['catalog_images']} images of {result['catalog_products']} products; "
+        f"model {result['model']['model_name']} at {result['model']['input_size']}px, tuning {tuning}"
     )
     keys = ["recall@1", "precision@5", "map@r", "product_hit@5", "mrr"]
-    print(_table([[f"{metrics[k]:.3f}" for k in keys]], keys))
+    rows = [
+        [name, p["metrics"]["queries"], *(f"{p['metrics'][k]:.3f}" for k in keys)]
+        for name, p in result["protocols"].items()
+    ]
+    print(_table(rows, ["protocol", "queries", *keys]))
+    if "no_match" in result:
+        nm = result["no_match"]
+        line = f"not in catalog ({len(nm['hidden_products'])} products left out): AUROC {nm['auroc']:.3f}"
+        if nm.get("threshold") is not None:
+            line += (
+                f"; at the calibrated threshold {nm['threshold']:.3f}: {nm['wrong_no_match_rate']:.1%} of in-catalog "
+                f"photos answered 'no match' (wrong), {nm['right_no_match_rate']:.1%} of left-out ones (right)"
+            )
+        print(line)
     if args.json_out:
         from .store import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json_out), json.dumps(result, indent=2).encode())
         print(f"wrote {args.json_out}")
+    if args.report:
+        from .report import write_report
+
+        print(f"wrote {write_report(result, Path(args.report))}")
+    return 0
+
+
+def cmd_tune(args, settings: Settings) -> int:
+    from .engine import ImageSearchEngine
+
+    report = ImageSearchEngine(settings).build_index(tune=True)
+    tuning = report.tuning
+    if tuning.get("status") != "tuned":
+        print(f"tuning declined: {tuning.get('reason')}; the index was rebuilt untuned")
+        return 0
+    val = tuning["validation"]
+    print(
+        f"tuned: {tuning['dim']}-d projection from {tuning['images']} images of {tuning['products']} products "
+        f"(shrinkage {tuning['shrinkage']}); on held-out catalog images recall@1 "
+        f"{val['untuned']['product_recall@1']:.3f} -> {val['tuned']['product_recall@1']:.3f}, MAP@R "
+        f"{val['untuned']['map@r']:.3f} -> {val['tuned']['map@r']:.3f}. Index rebuilt with it: {report.images} images."
+    )
+    print("Set tune: true (LOOKALIKE_TUNE=true) so that later builds refit it.")
     return 0
 
 
@@ -156,6 +225,22 @@ def cmd_remove(args, settings: Settings) -> int:
     out = _engine(settings).remove_product(args.product_id)
     moved = f"; its folder moved to {out['moved_to']}" if out["moved_to"] else ""
     print(f"removed {out['product_id']} ({out['removed']} images){moved}; the index now holds {out['images']} images")
+    return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the server needs the 'server' extra ({exc.name} is missing): pip install 'lookalike[server]'"
+        ) from None
+    if not args.verbose:  # say when the index is loaded and searches can start
+        logging.getLogger("lookalike.server").setLevel(logging.INFO)
+    try:
+        serve(settings, access_log=not args.no_access_log)
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes the Ctrl+C on
+        pass
     return 0
 
 
@@ -183,8 +268,10 @@ COMMANDS = {
     "search": cmd_search,
     "stats": cmd_stats,
     "eval": cmd_eval,
+    "tune": cmd_tune,
     "add": cmd_add,
     "remove": cmd_remove,
+    "serve": cmd_serve,
     "demo": cmd_demo,
 }
 

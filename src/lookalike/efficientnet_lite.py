@@ -130,10 +130,3 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.forward_features(x).mean((2, 3)))
-
-
-class EfficientNetLiteFeatures(EfficientNetLite):
-    """The same network whose ``forward`` returns the global-average-pooled 1280-d features."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x).mean((2, 3))

@@ -22,15 +22,35 @@ from .backbones import LoadedBackbone, build_backbone
 from .imaging import ImageError, ImageSource, describe, open_image
 from .settings import Settings
 
-FEATURE_VERSION = 1  # bump when the same model and settings would give different vectors
+FEATURE_VERSION = 2  # bump when the same model and settings would give different vectors
+CENTER_SIGMA = 0.6  # width of the centre weighting, as a fraction of the half-side of the feature map
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def center_weights(height: int, width: int) -> np.ndarray:
+    """Gaussian weights over a feature map, summing to 1, highest in the middle.
+
+    Shoppers and catalog photographers put the product in the middle of the frame; weighting the centre keeps
+    shelf clutter at the edges from dominating the descriptor (docs/quality.md has the measurements).
+    """
+
+    def axis(n: int) -> np.ndarray:
+        r = (np.arange(n) - (n - 1) / 2) / max((n - 1) / 2, 1)
+        return np.exp(-(r**2) / (2 * CENTER_SIGMA**2))
+
+    w = np.outer(axis(height), axis(width))
+    return (w / w.sum()).astype(np.float32)
 
 
 @dataclass
 class Extraction:
-    """What a batch extraction produced: vectors for the images that worked, reasons for those that did not."""
+    """What a batch extraction produced: vectors for the images that worked, reasons for those that did not.
 
-    vectors: np.ndarray  # (len(ok), dim) float32, in input order
+    Vectors are *raw*: the embedding (``dim`` values) followed by the backbone's auxiliary features
+    (``raw_dim - dim`` values, used by catalog tuning). ``vectors[:, :dim]`` is what the public methods return.
+    """
+
+    vectors: np.ndarray  # (len(ok), raw_dim) float32, in input order
     ok: list[int] = field(default_factory=list)  # input positions that have a vector
     formats: list[str] = field(default_factory=list)  # decoded format of each vector's image
     errors: dict[int, str] = field(default_factory=dict)  # input position -> reason
@@ -69,10 +89,15 @@ class FeatureExtractor:
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
         self._resample = _RESAMPLE[preprocess.interpolation]
+        self._weights: dict[tuple[int, int], object] = {}  # centre weights per feature-map size
 
     @property
     def dim(self) -> int:
         return self.spec.dim
+
+    @property
+    def raw_dim(self) -> int:
+        return self.spec.raw_dim
 
     @property
     def model_name(self) -> str:
@@ -86,6 +111,7 @@ class FeatureExtractor:
             "dim": self.spec.dim,
             "input_size": self.input_size,
             "preprocess": self.spec.preprocess.to_dict(),
+            "pooling": self.settings.pooling,
             "feature_version": FEATURE_VERSION,
         }
 
@@ -104,7 +130,7 @@ class FeatureExtractor:
         result = self.extract([image])
         if result.errors:
             raise ImageError(describe(image), result.errors[0])
-        return result.vectors[0]
+        return result.vectors[0, : self.dim]
 
     def extract_batch_features(self, images: Sequence[ImageSource], *, progress: bool | None = None) -> np.ndarray:
         """The (n, dim) float32 feature vectors of ``images``, in order, computed in batches.
@@ -116,14 +142,14 @@ class FeatureExtractor:
         if result.errors:
             first = min(result.errors)
             raise ImageError(describe(images[first]), result.errors[first])
-        return result.vectors
+        return np.ascontiguousarray(result.vectors[:, : self.dim])
 
     def extract(self, images: Sequence[ImageSource], *, progress: bool | None = None) -> Extraction:
         """Vectors for every image that decodes; a reason for every one that does not. Never raises for a bad image."""
         from tqdm.auto import tqdm
 
         n = len(images)
-        vectors = np.empty((n, self.dim), dtype=np.float32)
+        vectors = np.empty((n, self.raw_dim), dtype=np.float32)
         ok: list[int] = []
         formats: list[str] = []
         errors: dict[int, str] = {}
@@ -182,14 +208,25 @@ class FeatureExtractor:
                 yield result
 
     def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
-        """Model forward pass over a (B, H, W, 3) uint8 batch -> (B, dim) float32."""
+        """Model forward pass and pooling over a (B, H, W, 3) uint8 batch -> (B, raw_dim) float32."""
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)  # NHWC memory = channels_last
             x = x.float().mul_(self._scale).add_(self._shift)
-            out = self.model(x)
-            return out.float().cpu().numpy()
+            maps = self.model(x)
+            return torch.cat([self._pool(m.float()) for m in maps], dim=1).cpu().numpy()
+
+    def _pool(self, fmap):
+        import torch
+
+        if self.settings.pooling == "avg":
+            return fmap.mean(dim=(2, 3))
+        h, w = fmap.shape[-2:]
+        key = (h, w)
+        if key not in self._weights:
+            self._weights[key] = torch.from_numpy(center_weights(h, w)).to(fmap.device)
+        return torch.einsum("bchw,hw->bc", fmap, self._weights[key])
 
     def _run(self, batch: list[np.ndarray], positions: list[int], out: np.ndarray, ok: list[int]) -> None:
         out[positions] = self.embed_pixels(np.stack(batch))

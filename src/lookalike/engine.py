@@ -18,7 +18,7 @@ import numpy as np
 
 from .catalog import IMAGE_EXTENSIONS, CatalogImage, scan_catalog, stat_image
 from .embedding import FeatureExtractor
-from .imaging import ImageError, ImageSource
+from .imaging import ImageError, ImageSource, describe
 from .index import METRIC_L2, VectorIndex, similarity_from_distance
 from .settings import Settings
 from .store import (
@@ -34,6 +34,7 @@ from .store import (
     utc_now,
     write_lock,
 )
+from .tuning import PRODUCT_TOP, Projection, TuningDeclined, calibrate_no_match, fit_projection
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,25 @@ class BuildReport:
     reused: int  # images whose features came from the cache
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     seconds: float = 0.0
+    tuning: dict[str, Any] = field(default_factory=dict)  # status "off", "tuned" (with validation) or "declined"
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How raw features become index vectors for one index: a catalog projection (tuning) or not, plus the
+    calibrated "no match" threshold. Travels with the index; add/remove keep it."""
+
+    projection: Projection | None = None
+    tuning: dict[str, Any] = field(default_factory=lambda: {"status": "off"})
+    calibration: dict[str, Any] | None = None
+
+    def transform(self, raw: np.ndarray, dim: int) -> np.ndarray:
+        raw = np.atleast_2d(raw)
+        return self.projection.apply(raw) if self.projection is not None else np.ascontiguousarray(raw[:, :dim])
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else float(self.calibration["threshold"])
 
 
 @dataclass(frozen=True)
@@ -74,15 +94,15 @@ class IndexSnapshot:
     product_ids: tuple[str, ...]
     formats: tuple[str, ...]
     manifest: dict[str, Any]
+    adaptation: Adaptation
     image_ids: tuple[str, ...] = ()
     row_of_image: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, index, paths, product_ids, formats, manifest) -> IndexSnapshot:
+    def create(cls, index, paths, product_ids, formats, manifest, adaptation) -> IndexSnapshot:
         ids = tuple(image_id_for(p) for p in paths)
-        return cls(
-            index, tuple(paths), tuple(product_ids), tuple(formats), manifest, ids, {i: r for r, i in enumerate(ids)}
-        )
+        rows = {i: r for r, i in enumerate(ids)}
+        return cls(index, tuple(paths), tuple(product_ids), tuple(formats), manifest, adaptation, ids, rows)
 
 
 class ImageSearchEngine:
@@ -120,6 +140,11 @@ class ImageSearchEngine:
     def is_ready(self) -> bool:
         return self._state is not None
 
+    @property
+    def no_match_threshold(self) -> float | None:
+        """The product similarity under which a query counts as "not in my catalog" (None: not calibrated)."""
+        return self._require_state().adaptation.threshold
+
     def _require_state(self) -> IndexSnapshot:
         if self._state is None:
             raise RuntimeError("no index is loaded: call build_index() or load_index() first (CLI: lookalike index)")
@@ -135,31 +160,36 @@ class ImageSearchEngine:
 
     # --- building ---------------------------------------------------------------------------------------
 
-    def build_index(self, force_rebuild: bool = False, *, progress: bool | None = None) -> BuildReport:
+    def build_index(
+        self, force_rebuild: bool = False, *, tune: bool | None = None, progress: bool | None = None
+    ) -> BuildReport:
         """Index every image of the catalog, reusing cached features of unchanged images unless ``force_rebuild``.
 
-        Bad images are skipped and reported (log, report, statistics), never fatal. The index is saved atomically.
+        With ``tune`` (default: the ``tune`` setting) a projection is fitted on the catalog's own product labels
+        first (see :mod:`lookalike.tuning`). Bad images are skipped and reported (log, report, statistics), never
+        fatal. The index is saved atomically.
         """
         start = time.perf_counter()
+        tune = self.settings.tune if tune is None else tune
         with self._write:
             images = scan_catalog(self.settings.data_dir)
             extractor = self.extractor
-            vectors, formats, errors, extracted = embed_with_cache(
+            raw, formats, errors, extracted = embed_with_cache(
                 extractor, images, self._cache(), force=force_rebuild, progress=progress
             )
             good = [i for i in range(len(images)) if i not in errors]
-            root = self.data_root
             skipped = [{"path": str(images[i].path), "reason": reason} for i, reason in sorted(errors.items())]
             if skipped:
                 listing = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
                 logger.warning("skipped %d bad image(s): %s", len(skipped), listing)
-            index = VectorIndex.build(vectors[good], self.settings.similarity_metric)
-            state = self._commit(
-                index,
+            root = self.data_root
+            state = self._install(
+                raw[good],
                 [images[i].path.relative_to(root).as_posix() for i in good],
                 [images[i].product_id for i in good],
                 [formats[i] for i in good],
                 skipped,
+                tune=tune,
             )
         report = BuildReport(
             images=state.index.ntotal,
@@ -168,22 +198,25 @@ class ImageSearchEngine:
             reused=len(images) - extracted - len(errors),
             skipped=skipped,
             seconds=time.perf_counter() - start,
+            tuning=state.adaptation.tuning,
         )
         logger.info(
             "indexed %d images of %d products (%d extracted, %d from cache, %d skipped) in %.1fs",
-            report.images,
-            report.products,
-            report.extracted,
-            report.reused,
-            len(skipped),
-            report.seconds,
-        )
+            report.images, report.products, report.extracted, report.reused, len(skipped), report.seconds,
+        )  # fmt: skip
         return report
 
+    def _install(self, raw, paths, product_ids, formats, skipped, *, tune: bool, persist: bool = True) -> IndexSnapshot:
+        """Adapt to these catalog rows (raw vectors in catalog order), index them and make that the live state."""
+        adaptation = adapt(raw, np.array(product_ids, dtype=object), self.extractor.dim, tune=tune)
+        vectors = adaptation.transform(raw, self.extractor.dim)
+        index = VectorIndex.build(vectors, self.settings.similarity_metric)
+        return self._commit(index, paths, product_ids, formats, skipped, adaptation, persist=persist)
+
     def _commit(
-        self, index: VectorIndex, paths, product_ids, formats, skipped, *, persist: bool = True
+        self, index: VectorIndex, paths, product_ids, formats, skipped, adaptation: Adaptation, *, persist: bool = True
     ) -> IndexSnapshot:
-        """Save a new generation (manifest last) and make it the live state."""
+        """Save a new generation (manifest last, unless not ``persist``) and make it the live state."""
         extractor = self.extractor
         manifest = {
             "format": INDEX_FORMAT,
@@ -195,6 +228,9 @@ class ImageSearchEngine:
             "metric": index.metric,
             "normalized": index.normalized,
             "index": {"type": index.type_name, "ntotal": index.ntotal, "dim": index.dim},
+            "projection": None if adaptation.projection is None else dict(adaptation.projection.info),
+            "tuning": adaptation.tuning,
+            "calibration": adaptation.calibration,
             "data_dir": str(self.data_root),
             "counts": {"images": len(paths), "products": len(set(product_ids)), "skipped": len(skipped)},
             "images": {"path": list(paths), "product_id": list(product_ids), "format": list(formats)},
@@ -202,8 +238,11 @@ class ImageSearchEngine:
             "settings": self.settings.to_dict(),
         }
         if persist:
-            manifest = save_index(self.settings, manifest, index.to_bytes())
-        state = IndexSnapshot.create(index, paths, product_ids, formats, manifest)
+            files = {"index": index.to_bytes()}
+            if adaptation.projection is not None:
+                files["projection"] = adaptation.projection.to_bytes()
+            manifest = save_index(self.settings, manifest, files)
+        state = IndexSnapshot.create(index, paths, product_ids, formats, manifest, adaptation)
         self._state = state
         return state
 
@@ -216,13 +255,21 @@ class ImageSearchEngine:
         stored = read_index(self.settings)
         manifest = stored.manifest
         self._check_manifest(manifest)
-        index = VectorIndex.from_bytes(stored.index_bytes, manifest["metric"])
+        index = VectorIndex.from_bytes(stored.files["index"], manifest["metric"])
         images = manifest["images"]
         if index.ntotal != len(images["path"]):
             raise IndexFileError(
                 f"index file holds {index.ntotal} vectors but its metadata lists {len(images['path'])} images; rebuild"
             )
-        self._state = IndexSnapshot.create(index, images["path"], images["product_id"], images["format"], manifest)
+        projection = None
+        if manifest.get("projection") is not None:
+            if "projection" not in stored.files:
+                raise IndexFileError(f"{self.settings.metadata_path} names a projection but its file is missing")
+            projection = Projection.from_bytes(stored.files["projection"], manifest["projection"])
+        adaptation = Adaptation(projection, manifest.get("tuning") or {"status": "off"}, manifest.get("calibration"))
+        self._state = IndexSnapshot.create(
+            index, images["path"], images["product_id"], images["format"], manifest, adaptation
+        )
         logger.info("loaded index %s: %d images", manifest["build_id"], index.ntotal)
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
@@ -246,17 +293,23 @@ class ImageSearchEngine:
         *,
         by_product: bool = True,
         min_similarity: float | None = None,
+        only_matches: bool = False,
     ) -> list[dict[str, Any]]:
         """The products (or, with ``by_product=False``, the images) that look most like ``query``, best first.
 
         ``query`` is a path, image bytes or a PIL image. Each result has ``rank``, ``product_id``, ``similarity``
-        (higher is more alike), ``image_id`` and ``image_path`` (the product's best-matching image); with the l2
-        metric also ``distance``. Products appear once each, ranked by their best image.
+        (higher is more alike), ``image_id`` and ``image_path``. A product's similarity is the mean of its
+        best three image similarities (fewer if it has fewer), and its image is the best-matching one
+        (``image_similarity``). With the l2 metric results also carry ``distance``. When the index is
+        calibrated, each product result says whether it is a ``match``; ``only_matches=True`` keeps only those,
+        so an empty list means "not in my catalog".
         """
         _check_top_k(top_k)
         state = self._require_state()
-        vector = self.extractor.extract_features(query)
-        return self._rank(state, vector[None], top_k, by_product, min_similarity)[0]
+        raw = self.extractor.extract([query])
+        if raw.errors:
+            raise ImageError(describe(query), raw.errors[0])
+        return self._search_raw(state, raw.vectors, top_k, by_product, min_similarity, only_matches)[0]
 
     def search_batch(
         self,
@@ -265,19 +318,38 @@ class ImageSearchEngine:
         *,
         by_product: bool = True,
         min_similarity: float | None = None,
+        only_matches: bool = False,
     ) -> list[list[dict[str, Any]]]:
         """:meth:`search` for many queries in one call (batched extraction and search); one list per query."""
         _check_top_k(top_k)
         state = self._require_state()
-        vectors = self.extractor.extract_batch_features(list(queries))
-        return self._rank(state, vectors, top_k, by_product, min_similarity)
+        queries = list(queries)
+        raw = self.extractor.extract(queries, progress=False)
+        if raw.errors:
+            first = min(raw.errors)
+            raise ImageError(describe(queries[first]), raw.errors[first])
+        return self._search_raw(state, raw.vectors, top_k, by_product, min_similarity, only_matches)
 
     def search_vectors(
         self, vectors: np.ndarray, top_k: int = 5, *, by_product: bool = True, min_similarity: float | None = None
     ) -> list[list[dict[str, Any]]]:
-        """:meth:`search_batch` for raw feature vectors (n, dim) from this engine's extractor."""
+        """:meth:`search_batch` for feature vectors from this engine's extractor: (n, dim) embeddings as
+        ``extract_batch_features`` returns them, or (n, raw_dim) raw vectors (needed by a tuned index)."""
         _check_top_k(top_k)
-        return self._rank(self._require_state(), np.atleast_2d(vectors), top_k, by_product, min_similarity)
+        state = self._require_state()
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if state.adaptation.projection is not None and vectors.shape[1] != self.extractor.raw_dim:
+            raise ValueError(
+                f"this index is tuned: give raw vectors of {self.extractor.raw_dim} values (FeatureExtractor.extract)"
+            )
+        return self._search_raw(state, vectors, top_k, by_product, min_similarity, False)
+
+    def _search_raw(self, state, raw, top_k, by_product, min_similarity, only_matches) -> list[list[dict[str, Any]]]:
+        queries = state.adaptation.transform(raw, self.extractor.dim)
+        results = self._rank(state, queries, top_k, by_product, min_similarity)
+        if only_matches and state.adaptation.threshold is not None:
+            results = [[h for h in hits if h.get("match", True)] for hits in results]
+        return results
 
     def similar_to_product(
         self, product_id: str, top_k: int = 5, *, min_similarity: float | None = None
@@ -308,14 +380,14 @@ class ImageSearchEngine:
         return self.data_root / state.paths[row]
 
     def _rank(self, state, vectors, top_k, by_product, min_similarity) -> list[list[dict[str, Any]]]:
+        """Results for query vectors already in index space."""
         n = state.index.ntotal
         if n == 0:
             return [[] for _ in range(len(vectors))]
-        l2 = state.index.metric == METRIC_L2
         if not by_product:
             scores, rows = state.index.search(vectors, top_k)
-            return [self._hits(state, s, r, top_k, l2, min_similarity, per_product=False) for s, r in zip(scores, rows)]
-        # Each product must appear once, so look deeper than top_k images; widen only for queries that need it.
+            return [self._image_hits(state, s, r, min_similarity) for s, r in zip(scores, rows)]
+        # Products are scored on their best images, so look deeper than top_k images; widen only where needed.
         out: list[list[dict[str, Any]] | None] = [None] * len(vectors)
         todo = np.arange(len(vectors))
         k = min(n, max(8 * top_k, 64))
@@ -323,42 +395,87 @@ class ImageSearchEngine:
             scores, rows = state.index.search(vectors[todo], k)
             again = []
             for q, s, r in zip(todo, scores, rows):
-                hits = self._hits(state, s, r, top_k, l2, min_similarity, per_product=True)
-                if len(hits) < top_k and k < n and _could_have_more(s, l2, min_similarity):
-                    again.append(q)
-                else:
+                hits, enough = self._product_hits(state, s, r, top_k, min_similarity, complete=k >= n)
+                if enough:
                     out[q] = hits
+                else:
+                    again.append(q)
             todo = np.array(again, dtype=np.int64)
             k = min(n, k * 4)
         return out  # type: ignore[return-value]
 
-    def _hits(self, state, scores, rows, top_k, l2, min_similarity, *, per_product) -> list[dict[str, Any]]:
-        hits: list[dict[str, Any]] = []
-        seen: set[str] = set()
+    def _hit(self, state, row: int, similarity: float) -> dict[str, Any]:
+        return {
+            "product_id": state.product_ids[row],
+            "similarity": similarity,
+            "image_id": state.image_ids[row],
+            "image_path": str(self.data_root / state.paths[row]),
+        }
+
+    def _image_hits(self, state, scores, rows, min_similarity) -> list[dict[str, Any]]:
+        l2 = state.index.metric == METRIC_L2
+        hits = []
         for score, row in zip(scores, rows):
-            if row < 0:
-                break
             similarity = float(similarity_from_distance(score)) if l2 else float(score)
-            if min_similarity is not None and similarity < min_similarity:
+            if row < 0 or (min_similarity is not None and similarity < min_similarity):
                 break  # rows come best first
-            product = state.product_ids[row]
-            if per_product:
-                if product in seen:
-                    continue
-                seen.add(product)
-            hit = {
-                "rank": len(hits) + 1,
-                "product_id": product,
-                "similarity": similarity,
-                "image_id": state.image_ids[row],
-                "image_path": str(self.data_root / state.paths[row]),
-            }
+            hit = {"rank": len(hits) + 1, **self._hit(state, int(row), similarity)}
             if l2:
                 hit["distance"] = float(score)
             hits.append(hit)
-            if len(hits) == top_k:
-                break
         return hits
+
+    def _product_hits(self, state, scores, rows, top_k, min_similarity, *, complete) -> tuple[list[dict], bool]:
+        """Product results from one query's best images; ``enough`` says whether looking deeper could change them.
+
+        A product scores the mean of its best PRODUCT_TOP images. A product whose best images were not all
+        retrieved borrows the last retrieved score for the missing ones: an upper bound, so a product can only
+        be ranked too high while the window is too shallow, and the window widens until the top_k are settled.
+        """
+        l2 = state.index.metric == METRIC_L2
+        valid = rows >= 0
+        scores, rows = scores[valid], rows[valid]
+        if not len(rows):
+            return [], True
+        per_product: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            per_product.setdefault(state.product_ids[row], []).append(i)
+        counts = Counter(state.product_ids)
+        floor = float(scores[-1])
+        ranked = []
+        for product, hits in per_product.items():
+            m = min(PRODUCT_TOP, counts[product])
+            top = [float(scores[i]) for i in hits[:m]]
+            top += [floor] * (m - len(top))  # not retrieved yet: at best as good as the last retrieved
+            ranked.append((float(np.mean(top)), product, hits[0], len(hits) >= m))
+        ranked.sort(key=lambda t: (t[0], -t[2]) if l2 else (-t[0], t[2]))
+        chosen = ranked[:top_k]
+        # Settled when every chosen product was fully seen and no unseen product could outrank the last chosen.
+        settled = complete or (
+            len(chosen) == top_k and all(t[3] for t in chosen) and (
+                chosen[-1][0] <= floor if l2 else chosen[-1][0] >= floor
+            )
+        )  # fmt: skip
+        threshold = state.adaptation.threshold
+        out = []
+        for value, _product, first, _full in chosen:
+            similarity = float(similarity_from_distance(value)) if l2 else value
+            if min_similarity is not None and similarity < min_similarity:
+                break
+            best = float(scores[first])
+            hit = {
+                "rank": len(out) + 1,
+                **self._hit(state, int(rows[first]), similarity),
+                "image_similarity": float(similarity_from_distance(best)) if l2 else best,
+            }
+            if l2:
+                hit["distance"] = value
+            if threshold is not None:
+                hit["match"] = similarity >= threshold
+            out.append(hit)
+        if min_similarity is not None and len(out) < len(chosen):
+            settled = True  # the rest fell under min_similarity; deeper rows only score lower
+        return out, settled
 
     # --- live catalog changes ---------------------------------------------------------------------------
 
@@ -390,7 +507,8 @@ class ImageSearchEngine:
             indexed = set(state.paths)
             keep = [i for i, p in enumerate(rel) if p not in indexed]  # a file already indexed is not added twice
             index = state.index.copy()
-            index.add(result.vectors[keep])
+            # A tuned index projects new photos with its existing projection (run `lookalike tune` to refit).
+            index.add(state.adaptation.transform(result.vectors[keep], extractor.dim))
             self._update_cache(
                 add=[added[i] for i in keep], vectors=result.vectors[keep], formats=[result.formats[i] for i in keep]
             )
@@ -400,6 +518,7 @@ class ImageSearchEngine:
                 list(state.product_ids) + [product_id] * len(keep),
                 list(state.formats) + [result.formats[i] for i in keep],
                 state.manifest.get("skipped", []),
+                state.adaptation,
             )
         logger.info("added %d image(s) to product %s", len(keep), product_id)
         return {
@@ -442,6 +561,7 @@ class ImageSearchEngine:
                 [state.product_ids[i] for i in keep],
                 [state.formats[i] for i in keep],
                 [s for s in state.manifest.get("skipped", []) if Path(s["path"]).parent.name != product_id],
+                state.adaptation,
             )
         logger.info("removed product %s (%d images)", product_id, len(rows))
         return {
@@ -456,7 +576,8 @@ class ImageSearchEngine:
         with write_lock(Path(self.settings.cache_dir)):
             cached = cache.load()
             keep = [i for i, p in enumerate(cached.paths) if p not in remove]
-            old = cached.vectors[keep] if cached.vectors is not None else np.zeros((0, self.extractor.dim), np.float32)
+            empty = np.zeros((0, self.extractor.raw_dim), np.float32)
+            old = cached.vectors[keep] if cached.vectors is not None else empty
             merged = CachedEmbeddings(
                 [cached.paths[i] for i in keep] + [str(im.path) for im in add],
                 [cached.sizes[i] for i in keep] + [im.size for im in add],
@@ -491,6 +612,8 @@ class ImageSearchEngine:
             "embedding_dim": state.index.dim,
             "similarity_metric": state.index.metric,
             "index_type": state.index.type_name,
+            "tuning": state.adaptation.tuning.get("status", "off"),
+            "no_match_threshold": state.adaptation.threshold,
             "index_size_bytes": manifest.get("index", {}).get("bytes", 0),
             "last_build": manifest["created_at"],
             "build_id": manifest["build_id"],
@@ -508,17 +631,17 @@ def embed_with_cache(
 ) -> tuple[np.ndarray, list[str], dict[int, str], int]:
     """Vectors for ``images``: from ``cache`` where the file is unchanged (unless ``force``), extracted otherwise.
 
-    The cache is then rewritten to hold exactly these images. Returns (vectors (n, dim), whose rows are zero where
+    The cache is then rewritten to hold exactly these images. Returns (raw vectors (n, raw_dim), zero where
     extraction failed; formats; errors by position; how many were extracted successfully).
     """
     cached = CachedEmbeddings() if force else cache.load()
     lookup = cached.lookup()
-    vectors = np.zeros((len(images), extractor.dim), np.float32)
+    vectors = np.zeros((len(images), extractor.raw_dim), np.float32)
     formats = [""] * len(images)
     todo = []
     for i, im in enumerate(images):
         row = lookup.get(im.key)
-        if row is None or cached.vectors is None or cached.vectors.shape[1] != extractor.dim:
+        if row is None or cached.vectors is None or cached.vectors.shape[1] != extractor.raw_dim:
             todo.append(i)
         else:
             vectors[i] = cached.vectors[row]
@@ -543,16 +666,24 @@ def embed_with_cache(
     return vectors, formats, errors, len(todo) - len(errors)
 
 
+def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool) -> Adaptation:
+    """Fit what a build learns from the catalog: the tuned projection (if asked and possible) and the no-match
+    threshold. ``raw`` rows are in catalog order (sorted by product, then file name)."""
+    projection, tuning = None, {"status": "off"}
+    if tune:
+        try:
+            projection = fit_projection(raw, labels, dim)
+            tuning = {"status": "tuned", **projection.info}
+        except TuningDeclined as exc:
+            logger.warning("catalog tuning declined: %s", exc)
+            tuning = {"status": "declined", "reason": str(exc)}
+    calibration = calibrate_no_match(raw, labels, dim, tuned=projection is not None) if len(labels) else None
+    return Adaptation(projection, tuning, calibration)
+
+
 def _check_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
-
-
-def _could_have_more(scores: np.ndarray, l2: bool, min_similarity: float | None) -> bool:
-    if min_similarity is None or not len(scores):
-        return True
-    last = float(similarity_from_distance(scores[-1])) if l2 else float(scores[-1])
-    return last >= min_similarity
 
 
 def _check_product_id(product_id: str) -> None:

@@ -17,10 +17,10 @@ A summary averages each over the queries.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,78 +192,199 @@ def _per_query(true_labels: Any, predicted_labels: Sequence[Any], fn) -> float:
 
 # --- evaluation runs ----------------------------------------------------------------------------------------
 
+PROTOCOL_QUERIES = "photo->catalog"
+PROTOCOL_LOO = "leave-one-out"
+PROTOCOL_ICONIC = "iconic->photos"
+
+
+@dataclass
+class LabelledSet:
+    """Raw feature vectors of a labelled folder (``<product>/<images>``), in catalog order."""
+
+    raw: np.ndarray
+    labels: list[str]
+    paths: list[str]  # absolute
+    skipped: list[dict[str, str]]
+
+
+def embed_folder(extractor, settings: Settings, folder: str | Path, *, progress: bool | None = None) -> LabelledSet:
+    """Raw vectors of every image under ``folder``, through the same embedding cache as index builds."""
+    from .engine import embed_with_cache
+    from .store import EmbeddingCache
+
+    images = scan_catalog(folder)
+    cache = EmbeddingCache.for_catalog(settings.cache_dir, extractor.fingerprint, Path(folder))
+    raw, _, errors, _ = embed_with_cache(extractor, images, cache, progress=progress)
+    good = [i for i in range(len(images)) if i not in errors]
+    skipped = [{"path": str(images[i].path), "reason": r} for i, r in sorted(errors.items())]
+    return LabelledSet(raw[good], [images[i].product_id for i in good], [str(images[i].path) for i in good], skipped)
+
+
+def _run_protocol(engine, queries: np.ndarray, labels: Sequence[str], paths: Sequence[str], *, loo: bool) -> dict:
+    """Metrics of one protocol, with per-query details for reports. ``queries`` are raw vectors."""
+    state = engine.snapshot
+    per_product = Counter(state.product_ids)
+    n = state.index.ntotal
+    vectors = state.adaptation.transform(queries, engine.extractor.dim)
+    relevant = np.array([per_product.get(y, 0) - (1 if loo else 0) for y in labels])
+    depth = int(min(n, max(int(relevant.max(initial=0)), 100) + (1 if loo else 0)))
+    scores, rows = state.index.search(vectors, depth)
+    catalog_labels = np.array(state.product_ids, dtype=object)
+    rankings, products, details = [], [], []
+    for q, (s, r) in enumerate(zip(scores, rows)):
+        keep = r >= 0
+        if loo:
+            keep &= r != q  # the query image itself is in the index: leave it out
+        s, r = s[keep], r[keep]
+        rankings.append(list(catalog_labels[r]))
+        hits, _ = engine._product_hits(state, s, r, 5, None, complete=True)
+        products.append([h["product_id"] for h in hits])
+        details.append(
+            {
+                "path": paths[q],
+                "label": labels[q],
+                "results": [
+                    {
+                        "product_id": catalog_labels[row],
+                        "path": str(engine.data_root / state.paths[row]),
+                        "similarity": float(sc),
+                    }
+                    for sc, row in zip(s[:5], r[:5])
+                ],
+                "products": products[-1],
+            }
+        )
+    usable = np.flatnonzero(relevant > 0)
+    metrics = summarize([rankings[i] for i in usable], [labels[i] for i in usable], [int(relevant[i]) for i in usable])
+    metrics["product_hit@5"] = float(np.mean([labels[i] in products[i][:5] for i in usable])) if len(usable) else 0.0
+    metrics["product_recall@1"] = (
+        float(np.mean([products[i][:1] == [labels[i]] for i in usable])) if len(usable) else 0.0
+    )
+    for i in usable:
+        details[i]["recall@1"] = recall_at_k(rankings[i], labels[i], 1)
+        details[i]["ap@r"] = average_precision_at_r(rankings[i], labels[i], int(relevant[i]))
+    return {
+        "metrics": metrics,
+        "queries_without_product_in_catalog": int(np.sum(relevant <= 0)),
+        "details": [details[i] for i in usable],
+    }
+
 
 def evaluate(
     settings: Settings,
     catalog_dir: str | Path,
     queries_dir: str | Path | None = None,
     *,
+    iconic_dir: str | Path | None = None,
+    leave_one_out: bool = True,
+    leave_out_products: int = 0,
+    seed: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Index ``catalog_dir`` and measure retrieval with the photos of ``queries_dir`` (same folder layout; the folder
-    names the right product). Without ``queries_dir``, every catalog image queries all the others (leave-one-out).
+    """Index ``catalog_dir`` in memory (with tuning if ``settings.tune``) and measure retrieval:
 
-    The user's own index files are not touched: the evaluation index lives in a temporary folder, while extracted
-    features are cached in ``cache_dir`` like any build's.
+    - photo->catalog: the photos of ``queries_dir`` (same layout; the folder names the right product);
+    - leave-one-out: every catalog image queries all the others;
+    - iconic->photos: the studio shots of ``iconic_dir``.
+
+    ``leave_out_products`` > 0 also measures "not in my catalog": that many products (seeded choice among those
+    with query photos) are left out of a second index, adapted without them, and its no-match score must tell
+    their query photos from the others (AUROC; rates at the calibrated threshold).
+
+    Only the embedding cache in ``cache_dir`` is written; the user's index files are not touched. A tuned
+    projection is fitted on catalog images only, so leave-one-out of a tuned index scores images the fit saw.
     """
     from .embedding import FeatureExtractor
-    from .engine import ImageSearchEngine, embed_with_cache
-    from .store import EmbeddingCache
+    from .engine import ImageSearchEngine
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
-        eval_settings = settings.replace(
-            data_dir=Path(catalog_dir), index_file=Path(tmp) / "index.faiss", metadata_file=Path(tmp) / "metadata.json"
-        )
-        extractor = FeatureExtractor(eval_settings)
-        engine = ImageSearchEngine(eval_settings, extractor=extractor)
-        report = engine.build_index(progress=progress)
-        state = engine.snapshot
-        catalog_labels = np.array(state.product_ids, dtype=object)
-        per_product = Counter(state.product_ids)
-        n = state.index.ntotal
-        if queries_dir is None:
-            protocol = "leave-one-out"
-            query_vectors = state.index.vectors()
-            query_labels = list(state.product_ids)
-            self_rows = np.arange(n)
-            skipped_queries: list[dict[str, str]] = []
-        else:
-            protocol = "queries"
-            images = scan_catalog(queries_dir)
-            cache = EmbeddingCache.for_catalog(eval_settings.cache_dir, extractor.fingerprint, Path(queries_dir))
-            vectors, _, errors, _ = embed_with_cache(extractor, images, cache, progress=progress)
-            good = [i for i in range(len(images)) if i not in errors]
-            query_vectors = vectors[good]
-            query_labels = [images[i].product_id for i in good]
-            self_rows = None
-            skipped_queries = [{"path": str(images[i].path), "reason": r} for i, r in sorted(errors.items())]
-
-        relevant = np.array([per_product.get(y, 0) - (1 if self_rows is not None else 0) for y in query_labels])
-        usable = relevant > 0
-        depth = int(min(n, max(int(relevant.max(initial=0)), 100) + (1 if self_rows is not None else 0)))
-        _, rows = state.index.search(query_vectors, depth)
-        rankings = []
-        for q, row in enumerate(rows):
-            row = row[row >= 0]
-            if self_rows is not None:
-                row = row[row != self_rows[q]]
-            rankings.append(list(catalog_labels[row]))
-        kept = np.flatnonzero(usable)
-        metrics = summarize(
-            [rankings[i] for i in kept], [query_labels[i] for i in kept], [int(relevant[i]) for i in kept]
-        )
-    return {
-        "protocol": protocol,
+    eval_settings = settings.replace(data_dir=Path(catalog_dir))
+    extractor = FeatureExtractor(eval_settings)
+    engine = ImageSearchEngine(eval_settings, extractor=extractor)
+    catalog = embed_folder(extractor, eval_settings, catalog_dir, progress=progress)
+    root = engine.data_root
+    rel = [Path(p).relative_to(root).as_posix() for p in catalog.paths]
+    formats = [""] * len(rel)
+    state = engine._install(
+        catalog.raw, rel, catalog.labels, formats, catalog.skipped, tune=settings.tune, persist=False
+    )
+    protocols: dict[str, Any] = {}
+    query_sets: dict[str, LabelledSet] = {}
+    if queries_dir is not None:
+        query_sets[PROTOCOL_QUERIES] = embed_folder(extractor, eval_settings, queries_dir, progress=progress)
+    if iconic_dir is not None:
+        query_sets[PROTOCOL_ICONIC] = embed_folder(extractor, eval_settings, iconic_dir, progress=progress)
+    for name, qs in query_sets.items():
+        protocols[name] = _run_protocol(engine, qs.raw, qs.labels, qs.paths, loo=False)
+        protocols[name]["skipped_queries"] = qs.skipped
+    if leave_one_out:
+        protocols[PROTOCOL_LOO] = _run_protocol(engine, catalog.raw, catalog.labels, catalog.paths, loo=True)
+    result: dict[str, Any] = {
         "catalog": str(Path(catalog_dir)),
-        "queries": str(Path(queries_dir)) if queries_dir is not None else None,
+        "queries": None if queries_dir is None else str(Path(queries_dir)),
+        "iconic": None if iconic_dir is None else str(Path(iconic_dir)),
         "model": extractor.describe(),
         "metric": settings.similarity_metric,
-        "catalog_images": n,
-        "catalog_products": len(per_product),
-        "catalog_skipped": report.skipped,
-        "metrics": metrics,
-        "queries_without_product_in_catalog": int((~usable).sum()),
-        "skipped_queries": skipped_queries,
-        "seconds": round(time.perf_counter() - start, 2),
+        "tuning": state.adaptation.tuning,
+        "calibration": state.adaptation.calibration,
+        "catalog_images": state.index.ntotal,
+        "catalog_products": len(set(state.product_ids)),
+        "catalog_skipped": catalog.skipped,
+        "protocols": protocols,
     }
+    if leave_out_products:
+        probe = query_sets.get(PROTOCOL_QUERIES)
+        if probe is None:
+            raise ValueError("measuring 'not in my catalog' (leave_out_products) needs a queries folder")
+        result["no_match"] = _no_match_run(eval_settings, extractor, catalog, probe, leave_out_products, seed)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet, n_out: int, seed: int) -> dict:
+    """Leave ``n_out`` products out of the index and score how well "no match" tells their photos apart."""
+    from .engine import ImageSearchEngine
+    from .tuning import auroc
+
+    candidates = sorted(set(probe.labels) & set(catalog.labels))
+    if n_out >= len(set(catalog.labels)) or n_out > len(candidates):
+        raise ValueError(f"cannot leave {n_out} products out: the catalog has {len(set(catalog.labels))}")
+    rng = np.random.default_rng(seed)
+    hidden = set(rng.choice(candidates, n_out, replace=False).tolist())
+    keep = [i for i, y in enumerate(catalog.labels) if y not in hidden]
+    engine = ImageSearchEngine(settings, extractor=extractor)
+    root = engine.data_root
+    state = engine._install(
+        catalog.raw[keep],
+        [Path(catalog.paths[i]).relative_to(root).as_posix() for i in keep],
+        [catalog.labels[i] for i in keep],
+        [""] * len(keep),
+        [],
+        tune=settings.tune,
+        persist=False,
+    )
+    vectors = state.adaptation.transform(probe.raw, extractor.dim)
+    scores, rows = state.index.search(vectors, min(state.index.ntotal, 256))
+    best, right = [], []
+    for q, (s, r) in enumerate(zip(scores, rows)):
+        hits, _ = engine._product_hits(state, s[r >= 0], r[r >= 0], 1, None, complete=True)
+        best.append(hits[0]["similarity"] if hits else -np.inf)
+        right.append(bool(hits) and hits[0]["product_id"] == probe.labels[q])
+    best_a = np.array(best)
+    inside = np.array([y not in hidden for y in probe.labels])
+    threshold = state.adaptation.threshold
+    out = {
+        "hidden_products": sorted(hidden),
+        "in_catalog_queries": int(inside.sum()),
+        "hidden_product_queries": int((~inside).sum()),
+        "auroc": auroc(best_a[inside], best_a[~inside]),
+        "threshold": threshold,
+        "calibration": state.adaptation.calibration,
+    }
+    if threshold is not None:
+        out["wrong_no_match_rate"] = float(np.mean(best_a[inside] < threshold))  # in catalog, answered "no match"
+        out["right_no_match_rate"] = float(np.mean(best_a[~inside] < threshold))  # hidden, answered "no match"
+        out["in_catalog_recall@1_when_matched"] = float(
+            np.mean(np.array(right)[inside & (best_a >= threshold)]) if np.any(inside & (best_a >= threshold)) else 0.0
+        )
+    return out

@@ -20,6 +20,7 @@ import yaml
 ENV_PREFIX = "LOOKALIKE_"
 DEFAULT_CONFIG_FILE = Path("configs/configs.yaml")
 METRICS = ("cosine", "l2")
+POOLINGS = ("center", "avg")
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _AUTO = object()
 
@@ -41,6 +42,8 @@ class Settings:
     embedding_dim: int | None = None  # None: whatever the model produces; a number must agree with it
     model_name: str = "efficientnet_lite0"
     similarity_metric: str = "cosine"
+    pooling: str = "center"  # "center": centre-weighted average of the feature map; "avg": plain average
+    tune: bool = False  # build_index fits a projection on the catalog's own product labels (lookalike tune)
     data_dir: Path = Path("data")
     cache_dir: Path = Path("cache")
     index_file: Path | None = None  # default: <cache_dir>/index.faiss
@@ -49,6 +52,13 @@ class Settings:
     pretrained: bool = True  # False builds random weights (speed benchmarks only), with a warning
     num_workers: int = 2  # image decoding threads that run beside inference
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression bombs)
+    # HTTP server (`lookalike serve`)
+    host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 for every interface
+    port: int = 8000
+    admin_token: str | None = field(default=None, repr=False)  # bearer token for catalog changes; unset: disabled
+    max_upload_bytes: int = 10_000_000  # larger request bodies are answered 413
+    max_concurrent_searches: int = 2  # searches running at once (threads beside the event loop)
+    search_queue_size: int = 16  # searches that may wait for one; beyond that: 503 with Retry-After
     config_file: Path | None = field(default=None, compare=False)  # where the YAML layer came from, if anywhere
 
     def __init__(self, *, config_file: Any = _AUTO, environ: Mapping[str, str] | None = None, **overrides: Any):
@@ -98,15 +108,20 @@ class Settings:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values, written next to what a build produced."""
+        """JSON-ready values, written next to what a build produced. Secrets (the admin token) are left out."""
         out = {}
         for name in _field_names():
+            if name in SECRET_SETTINGS:
+                continue
             value = getattr(self, name)
             out[name] = str(value) if isinstance(value, Path) else value
         return out
 
 
-_NULLABLE = {"img_size", "embedding_dim", "index_file", "metadata_file", "weights_path"}
+_NULLABLE = {"img_size", "embedding_dim", "index_file", "metadata_file", "weights_path", "admin_token"}
+SECRET_SETTINGS = frozenset({"admin_token"})  # never in to_dict(), repr() or an error message
+MIN_ADMIN_TOKEN_LENGTH = 16
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]%]{1,253}$")
 
 
 def _is_unset(value: Any) -> bool:
@@ -165,6 +180,20 @@ def _as_path(name: str, value: Any) -> Path:
     return Path(os.path.expanduser(str(value)))
 
 
+def _as_token(name: str, value: Any) -> str | None:
+    """A bearer token: printable ASCII without spaces, long enough to resist guessing. The value is never echoed."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    text = value if isinstance(value, str) else None
+    if text is None or len(text) < MIN_ADMIN_TOKEN_LENGTH or not all(33 <= ord(c) <= 126 for c in text):
+        got = f"{len(text)} characters" if text is not None else f"a {type(value).__name__}"
+        raise SettingsError(
+            f"{name} is not allowed (value not shown): expected at least {MIN_ADMIN_TOKEN_LENGTH} printable ASCII "
+            f"characters without spaces, got {got}; e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return text
+
+
 def _validate(values: dict[str, Any]) -> dict[str, Any]:
     from .backbones import available_backbones, get_backbone  # registry import is deferred: it pulls in torch
 
@@ -197,12 +226,34 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
             if text not in METRICS:
                 raise SettingsError(f"similarity_metric={value!r} is not allowed: expected one of {', '.join(METRICS)}")
             out[name] = text
+        elif name == "pooling":
+            text = str(value).strip().lower()
+            if text not in POOLINGS:
+                raise SettingsError(f"pooling={value!r} is not allowed: expected one of {', '.join(POOLINGS)}")
+            out[name] = text
         elif name in {"data_dir", "cache_dir"}:
             out[name] = _as_path(name, value)
         elif name in {"index_file", "metadata_file", "weights_path"}:
             out[name] = None if _is_unset(value) else _as_path(name, value)
-        elif name == "pretrained":
+        elif name in {"pretrained", "tune"}:
             out[name] = _as_bool(name, value)
+        elif name == "host":
+            text = str(value).strip()
+            if not _HOST_RE.match(text):
+                raise SettingsError(
+                    f"host={value!r} is not allowed: expected an IP address or host name, e.g. 127.0.0.1"
+                )
+            out[name] = text
+        elif name == "port":
+            out[name] = _as_int(name, value, 1, 65535)
+        elif name == "admin_token":
+            out[name] = _as_token(name, value)
+        elif name == "max_upload_bytes":
+            out[name] = _as_int(name, value, 1024, 1_000_000_000)
+        elif name == "max_concurrent_searches":
+            out[name] = _as_int(name, value, 1, 64)
+        elif name == "search_queue_size":
+            out[name] = _as_int(name, value, 0, 10_000)
     model = out.get("model_name", Settings.model_name)
     dim = out.get("embedding_dim")
     if dim is not None and dim != get_backbone(model).dim:

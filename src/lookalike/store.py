@@ -165,43 +165,54 @@ class EmbeddingCache:
 @dataclass
 class StoredIndex:
     manifest: dict[str, Any]
-    index_bytes: bytes
+    files: dict[str, bytes]  # role ("index", "projection", ...) -> verified content
+
+
+FILE_SUFFIXES = {"index": None, "projection": ".projection.npz"}  # None: the index file's own suffix
 
 
 def new_build_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def generation_path(index_path: Path, build_id: str) -> Path:
-    return index_path.with_name(f"{index_path.stem}-{build_id}{index_path.suffix}")
+def generation_path(index_path: Path, build_id: str, role: str = "index") -> Path:
+    suffix = FILE_SUFFIXES[role] or index_path.suffix
+    return index_path.with_name(f"{index_path.stem}-{build_id}{suffix}")
 
 
-def save_index(settings: Settings, manifest: dict[str, Any], index_bytes: bytes) -> dict[str, Any]:
-    """Write a new generation of the index, then commit it by replacing the metadata file. Returns the manifest."""
+def save_index(settings: Settings, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    """Write a new generation of the index files, then commit it by replacing the metadata file.
+
+    ``files`` maps a role ("index", optionally "projection") to its bytes. Returns the manifest as written, with
+    each file's name, size and checksum under its role (``manifest["index"]``, ``manifest["files"]``).
+    """
     index_path, metadata_path = settings.index_path, settings.metadata_path
     build_id = manifest["build_id"]
-    gen = generation_path(index_path, build_id)
     manifest = dict(manifest)
-    manifest["index"] = dict(
-        manifest.get("index", {}), file=gen.name, sha256=sha256_bytes(index_bytes), bytes=len(index_bytes)
-    )
+    written = {}
+    for role, data in files.items():
+        path = generation_path(index_path, build_id, role)
+        written[role] = {"file": path.name, "sha256": sha256_bytes(data), "bytes": len(data)}
+    manifest["index"] = dict(manifest.get("index", {}), **written["index"])
+    manifest["files"] = written
     manifest["images_sha256"] = sha256_bytes(_canonical(manifest["images"]))
     with write_lock(metadata_path.parent):
-        atomic_write_bytes(gen, index_bytes)
+        for role, data in files.items():
+            atomic_write_bytes(generation_path(index_path, build_id, role), data)
         atomic_write_json(metadata_path, manifest)
-        _remove_old_generations(index_path, keep=gen)
+        _remove_old_generations(index_path, keep={index_path.with_name(w["file"]) for w in written.values()})
     return manifest
 
 
-def _remove_old_generations(index_path: Path, keep: Path) -> None:
-    for old in index_path.parent.glob(f"{index_path.stem}-*{index_path.suffix}"):
-        if old != keep:
+def _remove_old_generations(index_path: Path, keep: set[Path]) -> None:
+    for old in index_path.parent.glob(f"{index_path.stem}-*"):
+        if old not in keep and old.is_file() and not old.name.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 old.unlink()
 
 
 def read_index(settings: Settings) -> StoredIndex:
-    """The committed index and its manifest, verified against their checksums."""
+    """The committed index files and their manifest, verified against their checksums."""
     metadata_path = settings.metadata_path
     if not metadata_path.is_file():
         raise IndexFileError(
@@ -221,22 +232,26 @@ def read_index(settings: Settings) -> StoredIndex:
             f"version {INDEX_FORMAT_VERSION}; rebuild the index"
         )
     try:
-        images = manifest["images"]
-        info = manifest["index"]
-        if sha256_bytes(_canonical(images)) != manifest["images_sha256"]:
+        if sha256_bytes(_canonical(manifest["images"])) != manifest["images_sha256"]:
             raise IndexFileError(f"index metadata {metadata_path} does not match its checksum; rebuild the index")
-        gen = settings.index_path.with_name(info["file"])
+        entries = dict(manifest.get("files") or {"index": manifest["index"]})
+        files = {}
+        for role, info in entries.items():
+            path = settings.index_path.with_name(info["file"])
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise IndexFileError(
+                    f"{role} file {path} named by {metadata_path} cannot be read ({exc.strerror or exc})"
+                ) from None
+            if sha256_bytes(data) != info.get("sha256"):
+                raise IndexFileError(
+                    f"{role} file {path} does not match the checksum in {metadata_path}; it is damaged, rebuild"
+                )
+            files[role] = data
     except (KeyError, TypeError) as exc:
         raise IndexFileError(f"index metadata {metadata_path} lacks {exc}; rebuild the index") from None
-    try:
-        data = gen.read_bytes()
-    except OSError as exc:
-        raise IndexFileError(
-            f"index file {gen} named by {metadata_path} cannot be read ({exc.strerror or exc})"
-        ) from None
-    if sha256_bytes(data) != info.get("sha256"):
-        raise IndexFileError(f"index file {gen} does not match the checksum in {metadata_path}; it is damaged, rebuild")
-    return StoredIndex(manifest, data)
+    return StoredIndex(manifest, files)
 
 
 def utc_now() -> str:

@@ -1,0 +1,247 @@
+"""Learning from the catalog: its folders are labels.
+
+- :func:`fit_projection` fits a linear projection on top of the frozen backbone (LDA: whiten the
+  within-product scatter, keep the directions that separate products), chooses its shrinkage on catalog
+  images held out from the fit, and declines with a reason when the catalog is too small or tuning does not
+  beat the untuned features on those held-out images.
+- :func:`calibrate_no_match` finds the similarity under which a query is answered "no match", by hiding
+  groups of catalog products and scoring their photos against the rest.
+
+Both look at catalog images only; query photos are never used.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .index import l2_normalize
+
+logger = logging.getLogger(__name__)
+
+MIN_PRODUCTS = 5  # products with at least MIN_IMAGES_PER_PRODUCT images
+MIN_IMAGES_PER_PRODUCT = 3
+# Shrinkage of the within-product scatter towards its mean variance. Held-out catalog images are too close to
+# the fitted ones to choose it from (they always favour the least shrinkage); 0.1 lies in the flat optimum that
+# real query photos showed between 0.03 and 0.3 (docs/quality.md).
+SHRINKAGE = 0.1
+HOLDOUT_FRACTION = 0.25
+# "No match" threshold: the median product score of photos of products the index does not hold. Calibrated on
+# hidden catalog products only: held-out images of visible products sit much closer to their catalog neighbours
+# than a shopper's photo does, so they would push the threshold far too high. Catalog photos also score higher
+# among themselves than new photos do, which is why the median, not a high quantile (docs/quality.md).
+NO_MATCH_QUANTILE = 0.5
+PRODUCT_TOP = 3  # a product's score is the mean of its best PRODUCT_TOP image similarities
+
+
+class TuningDeclined(ValueError):
+    """The catalog cannot support a tuned projection; the message says why."""
+
+
+@dataclass
+class Projection:
+    """``y = (x - mean) @ matrix``, applied to raw feature vectors (embedding + auxiliary features)."""
+
+    mean: np.ndarray  # (raw_dim,)
+    matrix: np.ndarray  # (raw_dim, dim)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @property
+    def raw_dim(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+        if raw.shape[1] != self.raw_dim:
+            raise ValueError(f"projection expects {self.raw_dim}-d raw vectors, got {raw.shape[1]}-d")
+        return np.ascontiguousarray((raw - self.mean) @ self.matrix, dtype=np.float32)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean.astype(np.float32), matrix=self.matrix.astype(np.float32))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, info: dict[str, Any] | None = None) -> Projection:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(z["mean"], z["matrix"], dict(info or {}))
+
+
+def lda(x: np.ndarray, labels: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, matrix) of regularised LDA: within-product whitening, then the between-product directions."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    centered = x - mean
+    dim = x.shape[1]
+    classes, inverse = np.unique(labels, return_inverse=True)
+    class_means = np.zeros((len(classes), dim))
+    np.add.at(class_means, inverse, centered)
+    class_means /= np.bincount(inverse)[:, None]
+    within = centered - class_means[inverse]
+    scatter = within.T @ within / len(x)
+    scatter += shrinkage * np.trace(scatter) / dim * np.eye(dim)
+    eigval, eigvec = np.linalg.eigh(scatter)
+    whiten = eigvec / np.sqrt(np.maximum(eigval, 1e-12))
+    between = class_means @ whiten
+    _, _, vt = np.linalg.svd(between - between.mean(axis=0), full_matrices=False)
+    keep = min(len(classes) - 1, dim)
+    return mean.astype(np.float32), (whiten @ vt[:keep].T).astype(np.float32)
+
+
+def holdout_split(labels: np.ndarray) -> np.ndarray:
+    """A mask of held-out rows: the last quarter of each product's images (in catalog order), for products
+    with at least MIN_IMAGES_PER_PRODUCT images. Photos are often shot in sequence, so the last ones resemble
+    the first ones less than a random draw would."""
+    held = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) >= MIN_IMAGES_PER_PRODUCT:
+            n = max(1, int(round(len(rows) * HOLDOUT_FRACTION)))
+            held[rows[-n:]] = True
+    return held
+
+
+def product_scores(sims: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(products, scores (n_queries, n_products)): each product's mean of its best PRODUCT_TOP similarities."""
+    products, inverse = np.unique(db_labels, return_inverse=True)
+    scores = np.empty((sims.shape[0], len(products)), np.float32)
+    for j in range(len(products)):
+        block = sims[:, inverse == j]
+        m = min(PRODUCT_TOP, block.shape[1])
+        scores[:, j] = -np.sort(-block, axis=1)[:, :m].mean(axis=1)
+    return products, scores
+
+
+def _holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> dict:
+    sims = l2_normalize(queries) @ l2_normalize(db).T
+    products, scores = product_scores(sims, db_labels)
+    recall = float(np.mean(products[scores.argmax(axis=1)] == labels))
+    order = np.argsort(-sims, axis=1)
+    ap = []
+    for i, label in enumerate(labels):
+        r = int(np.sum(db_labels == label))
+        hits = db_labels[order[i, :r]] == label
+        ap.append(float(np.sum(np.cumsum(hits) / np.arange(1, r + 1) * hits) / r))
+    return {"product_recall@1": recall, "map@r": float(np.mean(ap)), "queries": len(labels)}
+
+
+def eligible(labels: np.ndarray) -> int:
+    _, counts = np.unique(labels, return_counts=True)
+    return int(np.sum(counts >= MIN_IMAGES_PER_PRODUCT))
+
+
+def fit_projection(raw: np.ndarray, labels: np.ndarray, dim: int) -> Projection:
+    """Fit the catalog projection on raw vectors (rows in catalog order) and their product labels.
+
+    ``dim`` is the length of the untuned embedding at the start of each raw vector, the baseline to beat.
+    Raises :class:`TuningDeclined` with the reason when the catalog cannot support it.
+    """
+    labels = np.asarray(labels)
+    n_products = len(np.unique(labels))
+    if eligible(labels) < MIN_PRODUCTS:
+        raise TuningDeclined(
+            f"the catalog has {eligible(labels)} products with at least {MIN_IMAGES_PER_PRODUCT} images; "
+            f"tuning needs {MIN_PRODUCTS} or more to learn what tells products apart"
+        )
+    held = holdout_split(labels)
+    fit_rows, val_rows = ~held, held
+    baseline = _holdout_quality(raw[fit_rows, :dim], labels[fit_rows], raw[val_rows, :dim], labels[val_rows])
+    mean, matrix = lda(raw[fit_rows], labels[fit_rows], SHRINKAGE)
+    db, q = (raw[fit_rows] - mean) @ matrix, (raw[val_rows] - mean) @ matrix
+    tuned = _holdout_quality(db, labels[fit_rows], q, labels[val_rows])
+    if tuned["product_recall@1"] < baseline["product_recall@1"] or tuned["map@r"] < baseline["map@r"]:
+        raise TuningDeclined(
+            f"on held-out catalog images tuning scored recall@1 {tuned['product_recall@1']:.3f} / "
+            f"MAP@R {tuned['map@r']:.3f} against {baseline['product_recall@1']:.3f} / {baseline['map@r']:.3f} "
+            "untuned; keeping the untuned features"
+        )
+    mean, matrix = lda(raw, labels, SHRINKAGE)  # the final fit sees every catalog image
+    info = {
+        "method": "lda",
+        "shrinkage": SHRINKAGE,
+        "dim": int(matrix.shape[1]),
+        "products": n_products,
+        "images": len(labels),
+        "validation": {"untuned": baseline, "tuned": tuned},
+    }
+    logger.info(
+        "tuned projection: %d -> %d dims; held-out recall@1 %.3f -> %.3f, MAP@R %.3f -> %.3f",
+        raw.shape[1], matrix.shape[1], baseline["product_recall@1"], tuned["product_recall@1"],
+        baseline["map@r"], tuned["map@r"],
+    )  # fmt: skip
+    return Projection(mean, matrix, info)
+
+
+def calibrate_no_match(
+    raw: np.ndarray, labels: np.ndarray, dim: int, *, tuned: bool, folds: int = 4, seed: int = 0
+) -> dict[str, Any] | None:
+    """The product-score threshold under which a query is "not in my catalog", or None if the catalog is too small.
+
+    Products are split into ``folds`` groups; each group in turn is hidden, the rest (with a projection refitted
+    without the hidden group when ``tuned``) forms a catalog, and photos of the hidden products (should not
+    match) and held-out photos of the visible ones (should) are scored against it. The threshold is the
+    NO_MATCH_QUANTILE quantile of the hidden products' scores; the visible ones' scores are only reported.
+    """
+    labels = np.asarray(labels)
+    products = np.unique(labels)
+    if eligible(labels) < max(MIN_PRODUCTS, folds):
+        return None
+    rng = np.random.default_rng(seed)
+    group = {p: i % folds for i, p in enumerate(rng.permutation(products))}
+    fold_of = np.array([group[label] for label in labels])
+    held = holdout_split(labels)
+    pos, neg = [], []
+    for f in range(folds):
+        visible = fold_of != f
+        db_rows = visible & ~held
+        if tuned:
+            try:
+                mean, matrix = lda(raw[db_rows], labels[db_rows], SHRINKAGE)
+            except np.linalg.LinAlgError:
+                continue
+            transform = lambda x, mean=mean, matrix=matrix: (x - mean) @ matrix
+        else:
+            transform = lambda x: x[:, :dim]
+        db = l2_normalize(transform(raw[db_rows]))
+        for rows, out in ((visible & held, pos), (~visible & held, neg)):
+            if rows.any():
+                _, scores = product_scores(l2_normalize(transform(raw[rows])) @ db.T, labels[db_rows])
+                out.append(scores.max(axis=1))
+    if not pos or not neg:
+        return None
+    pos_s, neg_s = np.concatenate(pos), np.concatenate(neg)
+    threshold = float(np.quantile(neg_s, NO_MATCH_QUANTILE))
+    return {
+        "threshold": threshold,
+        "quantile": NO_MATCH_QUANTILE,
+        "held_out_catalog_match_rate": float(np.mean(pos_s >= threshold)),
+        "auroc_on_catalog": auroc(pos_s, neg_s),
+        "in_catalog_queries": int(len(pos_s)),
+        "hidden_product_queries": int(len(neg_s)),
+        "folds": folds,
+    }
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties half)."""
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    if not len(positive) or not len(negative):
+        return float("nan")
+    scores = np.concatenate([positive, negative])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2 + 1
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(u / (len(positive) * len(negative)))
