@@ -97,12 +97,14 @@ class IndexSnapshot:
     adaptation: Adaptation
     image_ids: tuple[str, ...] = ()
     row_of_image: dict[str, int] = field(default_factory=dict)
+    images_per_product: Counter = field(default_factory=Counter)
 
     @classmethod
     def create(cls, index, paths, product_ids, formats, manifest, adaptation) -> IndexSnapshot:
         ids = tuple(image_id_for(p) for p in paths)
         rows = {i: r for r, i in enumerate(ids)}
-        return cls(index, tuple(paths), tuple(product_ids), tuple(formats), manifest, adaptation, ids, rows)
+        counts = Counter(product_ids)
+        return cls(index, tuple(paths), tuple(product_ids), tuple(formats), manifest, adaptation, ids, rows, counts)
 
 
 class ImageSearchEngine:
@@ -440,7 +442,7 @@ class ImageSearchEngine:
         per_product: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             per_product.setdefault(state.product_ids[row], []).append(i)
-        counts = Counter(state.product_ids)
+        counts = state.images_per_product
         floor = float(scores[-1])
         ranked = []
         for product, hits in per_product.items():
@@ -592,7 +594,7 @@ class ImageSearchEngine:
     def get_statistics(self) -> dict[str, Any]:
         """Catalog and index facts: counts, images per product, formats, skipped files, model, index size."""
         state = self._require_state()
-        per_product = Counter(state.product_ids)
+        per_product = state.images_per_product
         counts = sorted(per_product.values())
         manifest = state.manifest
         skipped = manifest.get("skipped", [])
