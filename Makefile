@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 GROCERY ?= ../shared/data/grocery
 
-.PHONY: setup demo test test-fast lint format eval clean
+.PHONY: setup demo test test-fast lint format eval serve load clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,15 @@ format: setup
 ## retrieval quality on the Grocery Store photos (photo -> catalog)
 eval: setup
 	$(VENV)/bin/lookalike eval --catalog $(GROCERY)/catalog --queries $(GROCERY)/queries --json results/eval.json
+
+## the HTTP API and web page (http://127.0.0.1:8000/) over the index in cache/ (build it first: lookalike index)
+serve: setup
+	$(VENV)/bin/lookalike serve
+
+## 32 clients for 60 s posting real photos to `lookalike serve` on 127.0.0.1 (indexes the Grocery catalog first)
+load: setup
+	$(VENV)/bin/python benchmarks/load.py --catalog $(GROCERY)/catalog --queries $(GROCERY)/queries \
+		--clients 32 --duration 60 --json results/load.json
 
 clean:
 	rm -rf $(VENV) cache results .pytest_cache .ruff_cache

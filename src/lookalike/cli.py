@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -237,10 +238,8 @@ def cmd_serve(args, settings: Settings) -> int:
         ) from None
     if not args.verbose:  # say when the index is loaded and searches can start
         logging.getLogger("lookalike.server").setLevel(logging.INFO)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn has shut down gracefully and passes the Ctrl+C on
         serve(settings, access_log=not args.no_access_log)
-    except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes the Ctrl+C on
-        pass
     return 0
 
 

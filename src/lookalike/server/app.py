@@ -1,0 +1,414 @@
+"""The HTTP app: FastAPI over one :class:`~lookalike.ImageSearchEngine`.
+
+``create_app()`` builds it (tests pass a built engine; otherwise the index is loaded at start-up, in the lifespan
+hook, in a background thread so that /healthz answers at once and /readyz says when searches can start).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..engine import ImageSearchEngine, UnknownProductError
+from ..imaging import ImageError, open_image
+from ..settings import Settings
+from . import schemas
+from .gate import Overloaded, SearchGate
+from .images import EXTENSIONS, NotInCatalog, Thumbnails, catalog_file, media_type
+from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from .uploads import IMAGE_BODY, IMAGES_BODY, image_error_status, read_images
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 100
+MAX_ID_LENGTH = 200
+THUMBNAIL_SIZE = 256
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+TopK = Query(5, ge=1, le=MAX_TOP_K, description="how many results")
+BEARER = HTTPBearer(auto_error=False, description="the admin token: settings.admin_token / LOOKALIKE_ADMIN_TOKEN")
+MinSimilarity = Query(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="drop weaker matches")
+
+
+class ServerState:
+    """What the routes share: the engine, the settings, the search gate, the metrics and the load status."""
+
+    def __init__(self, engine: ImageSearchEngine, settings: Settings, gate: SearchGate):
+        self.engine = engine
+        self.settings = settings
+        self.gate = gate
+        self.metrics = Metrics(self.gauges)
+        self.thumbnails = Thumbnails()
+        self.status = "ready" if engine.is_ready else "loading"
+        self._loader: threading.Thread | None = None
+        self.page = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in PAGE_FILES}
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.engine.is_ready
+
+    def start_loading(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Load the index in a background thread, unless it is loaded or being loaded (an app may start twice)."""
+        if self.ready or (self._loader is not None and self._loader.is_alive()):
+            return
+        self.status = "loading"
+        self._loader = threading.Thread(target=self.load, args=(on_failure,), name="lookalike-load", daemon=True)
+        self._loader.start()
+
+    def load(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Load the index, then run one search so the first real one is not slowed by lazy initialisation."""
+        try:
+            start = time.perf_counter()
+            self.engine.load_index()
+            self.engine.search(Image.new("RGB", (64, 64), (128, 128, 128)), top_k=1)
+        except Exception as exc:  # any failure: log it in full, say "failed" on /readyz (without paths)
+            self.status = "failed"
+            logger.error("cannot load the index: %s", exc)
+            if on_failure is not None:
+                on_failure(f"cannot load the index: {exc}")
+            return
+        self.status = "ready"
+        logger.info("index loaded and warmed up in %.1fs; ready", time.perf_counter() - start)
+
+    def gauges(self):
+        gate = self.gate.stats()
+        yield "lookalike_index_ready", "1 once the index is loaded and searches are answered.", float(self.ready)
+        if self.ready:
+            stats = self.engine.get_statistics()
+            yield "lookalike_index_images", "Images in the index.", stats["images"]
+            yield "lookalike_index_products", "Products in the index.", stats["products"]
+            yield "lookalike_index_size_bytes", "Size of the index file.", stats.get("index_size_bytes", 0)
+        yield "lookalike_searches_running", "Searches running now.", gate["running"]
+        yield "lookalike_searches_waiting", "Searches waiting for a slot.", gate["waiting"]
+        yield "lookalike_searches_rejected_total", "Searches refused with 503 (queue full).", gate["rejected"]
+        yield "lookalike_search_slots", "max_concurrent_searches.", gate["workers"]
+        yield "lookalike_search_queue_size", "search_queue_size.", gate["queue_size"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: ImageSearchEngine | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app. ``engine`` (built or loaded) is used as is; without one, the index named by ``settings`` is loaded
+    at start-up. ``on_load_failure(message)`` is called if that load fails (the CLI stops the server)."""
+    if settings is None:
+        settings = engine.settings if engine is not None else Settings()
+    if engine is None:
+        engine = ImageSearchEngine(settings)
+    state = ServerState(engine, settings, SearchGate(settings.max_concurrent_searches, settings.search_queue_size))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start_loading(on_load_failure)
+        try:
+            yield
+        finally:
+            state.gate.shutdown()
+
+    app = FastAPI(
+        title="lookalike",
+        version=__version__,
+        summary="Visual product search: which products of the catalog look like this photo?",
+        lifespan=lifespan,
+    )
+    app.state.lookalike = state
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(Exception, _internal_error)
+    _routes(app, state)
+    return app
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    retry = getattr(exc, "retry_after", 1)
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(retry)})
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("error answering %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error (the server log has the details)"}, status_code=500)
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    engine, settings = state.engine, state.settings
+
+    def require_ready() -> None:
+        if not state.ready:
+            why = "failed to load (see the server log)" if state.status == "failed" else "is still loading"
+            raise HTTPException(503, f"not ready: the index {why}", headers={"Retry-After": "5"})
+
+    def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        token = settings.admin_token
+        if not token:
+            raise HTTPException(
+                403, "catalog changes are disabled: no admin token is configured (LOOKALIKE_ADMIN_TOKEN)"
+            )
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
+            raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+    def hit(request: Request, h: dict[str, Any]) -> dict[str, Any]:
+        """A result for the wire: the engine's keys (extra ones too), no file paths, the image's URLs."""
+        root = Path(engine.settings.data_dir).expanduser().resolve()
+        out = {k: _scrub_paths(v, root) for k, v in h.items() if not k.endswith("_path")}
+        url = f"{request.scope.get('root_path', '')}/images/{h['image_id']}"
+        return {**out, "image_url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
+
+    def build_id() -> str:
+        return str(engine.snapshot.manifest.get("build_id", ""))
+
+    # --- searching ------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/search",
+        response_model=schemas.SearchResponse,
+        tags=["search"],
+        openapi_extra=IMAGE_BODY,
+        responses=schemas.errors(413, 415, 422, 503),
+    )
+    async def search(
+        request: Request,
+        top_k: int = TopK,
+        min_similarity: float | None = MinSimilarity,
+        by_product: bool = Query(True, description="one result per product (false: one per image)"),
+    ):
+        """The catalog products (or images) that look most like the uploaded photo, best first."""
+        start = time.perf_counter()
+        require_ready()
+        (photo,) = await read_images(request, settings.max_upload_bytes)
+        run = functools.partial(engine.search, top_k=top_k, by_product=by_product, min_similarity=min_similarity)
+        try:
+            hits, waited, ran = await state.gate.run(run, photo)
+        except ImageError as exc:
+            raise HTTPException(
+                image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}"
+            ) from None
+        state.metrics.observe_search(waited, ran)
+        return {
+            "results": [hit(request, h) for h in hits],
+            "top_k": top_k,
+            "by_product": by_product,
+            "min_similarity": min_similarity,
+            "timings": {
+                "queue_ms": round(waited * 1000, 2),
+                "search_ms": round(ran * 1000, 2),
+                "total_ms": round((time.perf_counter() - start) * 1000, 2),
+            },
+            "build_id": build_id(),
+        }
+
+    @app.get(
+        "/products/{product_id}/similar",
+        response_model=schemas.SimilarResponse,
+        tags=["search"],
+        responses=schemas.errors(404, 503),
+    )
+    def similar(
+        request: Request,
+        product_id: str = PathParam(max_length=MAX_ID_LENGTH),
+        top_k: int = TopK,
+        min_similarity: float | None = MinSimilarity,
+    ):
+        """More like this: the other products that look most like a product of the catalog."""
+        require_ready()
+        try:
+            hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity)
+        except UnknownProductError:
+            raise HTTPException(404, f"unknown product {product_id!r}") from None
+        return {
+            "product_id": product_id,
+            "results": [hit(request, h) for h in hits],
+            "top_k": top_k,
+            "min_similarity": min_similarity,
+            "build_id": build_id(),
+        }
+
+    @app.get(
+        "/images/{image_id}",
+        tags=["catalog"],
+        response_class=Response,
+        responses={
+            200: {"content": {t: {} for t in ("image/jpeg", "image/png", "image/webp")}, "description": "the image"},
+            **schemas.errors(404, 503),
+        },
+    )
+    def image(
+        image_id: str = PathParam(max_length=64, description="an image_id from a search result"),
+        size: int | None = Query(None, ge=16, le=1024, description="a JPEG thumbnail fitting size x size"),
+    ):
+        """A catalog image by its id (never by path), or a thumbnail of it."""
+        require_ready()
+        try:
+            path = catalog_file(engine, image_id)
+        except NotInCatalog as exc:
+            logger.warning("refused to serve %s", exc)
+            raise HTTPException(404, f"unknown image id {image_id!r}") from None
+        except LookupError:
+            raise HTTPException(404, f"unknown image id {image_id!r}") from None
+        headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        try:
+            if size is None:
+                return Response(path.read_bytes(), media_type=media_type(path), headers=headers)
+            data = state.thumbnails.get(path, size, settings.max_image_pixels)
+        except (OSError, ImageError) as exc:  # removed meanwhile, or a catalog file that no longer decodes
+            logger.warning("cannot serve image %s: %s", image_id, getattr(exc, "reason", exc))
+            raise HTTPException(404, f"image {image_id!r} cannot be shown") from None
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    # --- catalog changes (admin) ----------------------------------------------------------------------------
+
+    @app.post(
+        "/products/{product_id}/images",
+        status_code=201,
+        response_model=schemas.AddImagesResponse,
+        tags=["catalog"],
+        dependencies=[Depends(require_admin)],
+        openapi_extra=IMAGES_BODY,
+        responses=schemas.errors(401, 403, 413, 415, 422, 503),
+    )
+    async def add_images(request: Request, product_id: str = PathParam(max_length=MAX_ID_LENGTH)):
+        """Add photos to a product (a new product is created): copied into the catalog, indexed and saved."""
+        require_ready()
+        _check_product_id(product_id)
+        photos = await read_images(request, settings.max_upload_bytes, many=True)
+        out = await run_in_threadpool(_add_photos, engine, settings, product_id, photos)
+        root = request.scope.get("root_path", "")
+        return {**out, "image_urls": [f"{root}/images/{i}" for i in out["image_ids"]]}
+
+    @app.delete(
+        "/products/{product_id}",
+        response_model=schemas.RemoveProductResponse,
+        tags=["catalog"],
+        dependencies=[Depends(require_admin)],
+        responses=schemas.errors(401, 403, 404, 503),
+    )
+    def remove_product(product_id: str = PathParam(max_length=MAX_ID_LENGTH)):
+        """Take a product out of the index; its folder moves to the catalog's .removed/ folder (recoverable)."""
+        require_ready()
+        try:
+            out = engine.remove_product(product_id)
+        except UnknownProductError:
+            raise HTTPException(404, f"unknown product {product_id!r}") from None
+        return {"product_id": out["product_id"], "removed": out["removed"], "images": out["images"]}
+
+    # --- operations -----------------------------------------------------------------------------------------
+
+    @app.get("/stats", response_model=schemas.Stats, tags=["operations"], responses=schemas.errors(503))
+    def stats():
+        """Catalog and index facts (counts, model, index size) and the search queue's state."""
+        require_ready()
+        root = Path(engine.settings.data_dir).expanduser().resolve()
+        out = _scrub_paths(engine.get_statistics(), root)
+        out.pop("data_dir", None)
+        out["server"] = {
+            "version": __version__,
+            "uptime_s": round(time.time() - state.metrics.started, 1),
+            "max_upload_bytes": settings.max_upload_bytes,
+            "admin_enabled": bool(settings.admin_token),
+            "search_queue": state.gate.stats(),
+        }
+        return out
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["operations"])
+    def healthz():
+        """The process is up (it may still be loading the index: see /readyz)."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        response_model=schemas.Readiness,
+        tags=["operations"],
+        responses={503: {"model": schemas.Readiness, "description": "loading, or the load failed"}},
+    )
+    def readyz():
+        """Ready once the index is loaded: searches are answered."""
+        if not state.ready:
+            detail = "the index failed to load (see the server log)" if state.status == "failed" else None
+            body = {"status": "failed" if state.status == "failed" else "loading", "detail": detail}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        snap = engine.snapshot
+        return {"status": "ready", "images": snap.index.ntotal, "build_id": build_id()}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def metrics():
+        """Prometheus metrics: requests by route and status, latencies, search queue, index size."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    # --- the page -------------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return Response(state.page["index.html"], media_type=PAGE_FILES["index.html"], headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in PAGE_FILES or name == "index.html":  # a fixed list: the name is never a path
+            raise HTTPException(404, "not found")
+        return Response(state.page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+
+def _check_product_id(product_id: str) -> None:
+    """The engine refuses ids that are not folder names; the server also refuses control characters."""
+    if not product_id.strip() or any(ord(c) < 32 or ord(c) == 127 for c in product_id):
+        raise HTTPException(422, "invalid product id: it must be a non-blank folder name without control characters")
+
+
+def _add_photos(engine: ImageSearchEngine, settings: Settings, product_id: str, photos: list[bytes]) -> dict:
+    """Check each photo, write it under a name made from its content (never the client's file name), add them."""
+    with tempfile.TemporaryDirectory(prefix="lookalike-upload-") as tmp:
+        paths = []
+        for n, data in enumerate(photos, start=1):
+            try:
+                fmt = open_image(data, settings.max_image_pixels).format
+            except ImageError as exc:
+                raise HTTPException(image_error_status(exc.reason), f"photo {n}: {exc.reason}") from None
+            if fmt not in EXTENSIONS:
+                raise HTTPException(415, f"photo {n} is {fmt}; catalog photos must be JPEG, PNG or WebP")
+            path = Path(tmp) / f"{hashlib.sha256(data).hexdigest()[:20]}{EXTENSIONS[fmt]}"
+            path.write_bytes(data)
+            paths.append(path)
+        try:
+            out = engine.add_images(product_id, paths)
+        except ImageError as exc:
+            raise HTTPException(image_error_status(exc.reason), f"cannot add the photos: {exc.reason}") from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+    return {k: out[k] for k in ("product_id", "added", "images", "image_ids")}
+
+
+def _scrub_paths(value: Any, root: Path) -> Any:
+    """Statistics name files by path; answer with catalog-relative names, and only the file name for anything else."""
+    if isinstance(value, dict):
+        return {k: _scrub_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_paths(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value)
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    return value
