@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -826,7 +827,20 @@ def test_openapi_describes_every_endpoint(client):
     }
     assert "multipart/form-data" in paths["/search"]["post"]["requestBody"]["content"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_openapi_docs_page_works_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "/openapi.json" in page.text
+    assets = re.findall(r"""['"](/static/swagger/[^'"]+)['"]""", page.text)
+    assert sorted(assets) == ["/static/swagger/swagger-ui-bundle.js", "/static/swagger/swagger-ui.css"]
+    for asset in assets:  # bundled with the package, not fetched from a CDN
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 10_000
+    assert "cdn." not in page.text
+    assert client.get("/static/swagger/../app.py").status_code == 404
+    assert client.get("/static/swagger/LICENSE").status_code == 404
 
 
 # --- the page -------------------------------------------------------------------------------------------------

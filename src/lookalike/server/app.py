@@ -22,7 +22,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -43,6 +44,7 @@ MAX_TOP_K = 100
 MAX_ID_LENGTH = 200
 THUMBNAIL_SIZE = 256
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "style.css": "text/css"}
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -136,6 +138,8 @@ def create_app(
         version=__version__,
         summary="Visual product search: which products of the catalog look like this photo?",
         lifespan=lifespan,
+        docs_url=None,  # served below from bundled files: FastAPI's own page loads Swagger UI from a CDN
+        redoc_url=None,
     )
     app.state.lookalike = state
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
@@ -371,6 +375,24 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if name not in PAGE_FILES or name == "index.html":  # a fixed list: the name is never a path
             raise HTTPException(404, "not found")
         return Response(state.page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI over /openapi.json, from the copy bundled in static/swagger (Apache-2.0): works offline."""
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="lookalike API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
+
+    @app.get("/static/swagger/{name}", include_in_schema=False)
+    def swagger_asset(name: str):
+        if name not in SWAGGER_FILES:  # a fixed list: the name is never a path
+            raise HTTPException(404, "not found")
+        data = (resources.files(__package__) / "static" / "swagger" / name).read_bytes()
+        return Response(data, media_type=SWAGGER_FILES[name], headers={"Cache-Control": "public, max-age=86400"})
 
 
 def _check_product_id(product_id: str) -> None:
