@@ -177,14 +177,9 @@ def cmd_eval(args, settings: Settings) -> int:
     ]
     print(_table(rows, ["protocol", "queries", *keys]))
     if "no_match" in result:
-        nm = result["no_match"]
-        line = f"not in catalog ({len(nm['hidden_products'])} products left out): AUROC {nm['auroc']:.3f}"
-        if nm.get("threshold") is not None:
-            line += (
-                f"; at the calibrated threshold {nm['threshold']:.3f}: {nm['wrong_no_match_rate']:.1%} of in-catalog "
-                f"photos answered 'no match' (wrong), {nm['right_no_match_rate']:.1%} of left-out ones (right)"
-            )
-        print(line)
+        from .evaluation import describe_no_match
+
+        print(describe_no_match(result["no_match"]))
     if args.json_out:
         from .store import atomic_write_bytes
 

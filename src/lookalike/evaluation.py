@@ -341,6 +341,17 @@ def evaluate(
     return result
 
 
+def describe_no_match(nm: dict[str, Any]) -> str:
+    """One sentence on a "not in my catalog" measurement (CLI and report)."""
+    line = f"not in catalog ({len(nm['hidden_products'])} products left out): AUROC {nm['auroc']:.3f}"
+    if nm.get("threshold") is not None:
+        line += (
+            f"; at the calibrated threshold {nm['threshold']:.3f}: {nm['wrong_no_match_rate']:.1%} of in-catalog "
+            f"photos answered 'no match' (wrong), {nm['right_no_match_rate']:.1%} of left-out ones (right)"
+        )
+    return line
+
+
 def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet, n_out: int, seed: int) -> dict:
     """Leave ``n_out`` products out of the index and score how well "no match" tells their photos apart."""
     from .engine import ImageSearchEngine

@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from .evaluation import describe_no_match
 from .imaging import ImageError, open_image
 from .store import atomic_write_bytes
 
@@ -104,14 +105,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
         _metrics_table(result["protocols"]),
     ]
     if "no_match" in result:
-        nm = result["no_match"]
-        text = f"Not in catalog: {len(nm['hidden_products'])} products left out, AUROC {nm['auroc']:.3f}"
-        if nm.get("threshold") is not None:
-            text += (
-                f"; threshold {nm['threshold']:.3f}: wrong 'no match' {nm['wrong_no_match_rate']:.1%}, "
-                f"right 'no match' {nm['right_no_match_rate']:.1%}"
-            )
-        parts.append(f"<p>{html.escape(text)}.</p>")
+        parts.append(f"<p>{html.escape(describe_no_match(result['no_match']))}</p>")
     for name, protocol in result["protocols"].items():
         parts.append(_protocol_section(name, protocol))
     page = f"<!doctype html><meta charset=utf-8><title>lookalike evaluation</title><style>{CSS}</style>{''.join(parts)}"
