@@ -237,3 +237,21 @@ def test_cli_tune_reports_what_it_learned(make_settings, six, tmp_path, capsys):
     assert out.startswith("tuned: 5-d projection from 24 images of 6 products")
     assert main(["stats", "--json", *flags]) == 0
     assert json.loads(capsys.readouterr().out)["tuning"] == "tuned"
+
+
+def test_large_catalogs_are_checked_on_a_sample_of_products(monkeypatch):
+    import lookalike.tuning as tuning
+
+    labels = np.repeat([f"p{i:03d}" for i in range(50)], 3)
+    mask = tuning.product_sample(labels, limit=10)
+    assert len(np.unique(labels[mask])) == 10 and mask.sum() == 30  # whole products, never parts of them
+    assert np.array_equal(mask, tuning.product_sample(labels, limit=10))  # seeded
+    assert tuning.product_sample(labels, limit=100).all()
+    monkeypatch.setattr(tuning, "MAX_CHECK_PRODUCTS", 6)
+    raw, labels = clustered(20, 8, spread=0.2)
+    projection = fit_projection(raw, labels, dim=24)
+    assert projection.info["products"] == 20  # fitted on every product...
+    assert projection.info["validation"]["tuned"]["queries"] == 6 * 2  # ...checked on six
+    cal = calibrate_no_match(raw, labels, dim=24, tuned=True)
+    # six products' two held-out photos each: hidden once (as a hidden product), visible in the other three folds
+    assert (cal["hidden_product_queries"], cal["in_catalog_queries"]) == (6 * 2, 3 * 6 * 2)

@@ -36,6 +36,9 @@ HOLDOUT_FRACTION = 0.25
 # among themselves than new photos do, which is why the median, not a high quantile (docs/quality.md).
 NO_MATCH_QUANTILE = 0.5
 PRODUCT_TOP = 3  # a product's score is the mean of its best PRODUCT_TOP image similarities
+# Validation and calibration compare every held-out photo with every catalog photo of the products they look at;
+# on a large catalog a seeded sample of this many products keeps that to seconds and bounded memory.
+MAX_CHECK_PRODUCTS = 400
 
 
 class TuningDeclined(ValueError):
@@ -133,6 +136,17 @@ def _holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray,
     return {"product_recall@1": recall, "map@r": float(np.mean(ap)), "queries": len(labels)}
 
 
+def product_sample(labels: np.ndarray, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """A mask of the rows of at most ``limit`` (default MAX_CHECK_PRODUCTS) products, all of them when there are
+    fewer, chosen seeded."""
+    limit = MAX_CHECK_PRODUCTS if limit is None else limit
+    products = np.unique(labels)
+    if len(products) <= limit:
+        return np.ones(len(labels), dtype=bool)
+    chosen = np.random.default_rng(seed).choice(products, limit, replace=False)
+    return np.isin(labels, chosen)
+
+
 def eligible(labels: np.ndarray) -> int:
     _, counts = np.unique(labels, return_counts=True)
     return int(np.sum(counts >= MIN_IMAGES_PER_PRODUCT))
@@ -152,11 +166,12 @@ def fit_projection(raw: np.ndarray, labels: np.ndarray, dim: int) -> Projection:
             f"tuning needs {MIN_PRODUCTS} or more to learn what tells products apart"
         )
     held = holdout_split(labels)
-    fit_rows, val_rows = ~held, held
-    baseline = _holdout_quality(raw[fit_rows, :dim], labels[fit_rows], raw[val_rows, :dim], labels[val_rows])
-    mean, matrix = lda(raw[fit_rows], labels[fit_rows], SHRINKAGE)
-    db, q = (raw[fit_rows] - mean) @ matrix, (raw[val_rows] - mean) @ matrix
-    tuned = _holdout_quality(db, labels[fit_rows], q, labels[val_rows])
+    mean, matrix = lda(raw[~held], labels[~held], SHRINKAGE)
+    checked = product_sample(labels)
+    db_rows, val_rows = ~held & checked, held & checked
+    baseline = _holdout_quality(raw[db_rows, :dim], labels[db_rows], raw[val_rows, :dim], labels[val_rows])
+    db, q = (raw[db_rows] - mean) @ matrix, (raw[val_rows] - mean) @ matrix
+    tuned = _holdout_quality(db, labels[db_rows], q, labels[val_rows])
     if tuned["product_recall@1"] < baseline["product_recall@1"] or tuned["map@r"] < baseline["map@r"]:
         raise TuningDeclined(
             f"on held-out catalog images tuning scored recall@1 {tuned['product_recall@1']:.3f} / "
@@ -190,7 +205,8 @@ def calibrate_no_match(
     match) and held-out photos of the visible ones (should) are scored against it. The threshold is the
     NO_MATCH_QUANTILE quantile of the hidden products' scores; the visible ones' scores are only reported.
     """
-    labels = np.asarray(labels)
+    checked = product_sample(np.asarray(labels), seed=seed)
+    raw, labels = raw[checked], np.asarray(labels)[checked]
     products = np.unique(labels)
     if eligible(labels) < max(MIN_PRODUCTS, folds):
         return None
