@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 GROCERY ?= ../shared/data/grocery
 
-.PHONY: setup demo test test-fast lint format eval serve load clean
+.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,12 +29,12 @@ test-fast: setup
 	$(VENV)/bin/pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: setup
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 ## retrieval quality on the Grocery Store photos (photo -> catalog)
 eval: setup
@@ -48,6 +48,15 @@ serve: setup
 load: setup
 	$(VENV)/bin/python benchmarks/load.py --catalog $(GROCERY)/catalog --queries $(GROCERY)/queries \
 		--clients 32 --duration 60 --json results/load.json
+
+## speed against the seed's pipeline, measured side by side (JSON in results/bench/; README "Speed")
+bench: setup
+	cd benchmarks && ../$(PY) extract_bench.py --cache-dir ../cache/bench
+	cd benchmarks && ../$(PY) search_bench.py
+
+## a million clustered 2048-d vectors: build time, memory, latency, recall (long; not part of bench)
+bench-1m: setup
+	cd benchmarks && ../$(PY) bench_1m.py
 
 clean:
 	rm -rf $(VENV) cache results .pytest_cache .ruff_cache

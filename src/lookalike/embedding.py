@@ -1,7 +1,10 @@
 """FeatureExtractor: images in, float32 feature vectors out.
 
 Decoding and resizing run in a small thread pool (Pillow releases the GIL) while the model works on the
-previous batch, so the CPU cores are busy with both.
+previous batch, so the CPU cores are busy with both. JPEGs are decoded straight at the smallest scale that still
+covers the model's input (libjpeg's DCT scaling), which makes large photos several times cheaper to read. The
+network runs in the runtime the settings name (:mod:`lookalike.runtime`). On a CUDA GPU, plain JPEGs are decoded
+on the GPU (nvJPEG) and resized there, and the network runs in fp16.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -20,26 +24,20 @@ from PIL import Image
 
 from .backbones import LoadedBackbone, build_backbone
 from .imaging import ImageError, ImageSource, describe, open_image
+from .runtime import (
+    CALIBRATION_VERSION,
+    CENTER_SIGMA,
+    PixelsToFeatures,
+    build_runner,
+    center_weights,
+    resolve_precision,
+)
 from .settings import Settings
 
-FEATURE_VERSION = 2  # bump when the same model and settings would give different vectors
-CENTER_SIGMA = 0.6  # width of the centre weighting, as a fraction of the half-side of the feature map
+FEATURE_VERSION = 3  # bump when the same model and settings would give different vectors (3: JPEG draft decoding)
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
-
-def center_weights(height: int, width: int) -> np.ndarray:
-    """Gaussian weights over a feature map, summing to 1, highest in the middle.
-
-    Shoppers and catalog photographers put the product in the middle of the frame; weighting the centre keeps
-    shelf clutter at the edges from dominating the descriptor (docs/quality.md has the measurements).
-    """
-
-    def axis(n: int) -> np.ndarray:
-        r = (np.arange(n) - (n - 1) / 2) / max((n - 1) / 2, 1)
-        return np.exp(-(r**2) / (2 * CENTER_SIGMA**2))
-
-    w = np.outer(axis(height), axis(width))
-    return (w / w.sum()).astype(np.float32)
+__all__ = ["CENTER_SIGMA", "Extraction", "FeatureExtractor", "center_weights"]
 
 
 @dataclass
@@ -70,26 +68,35 @@ class FeatureExtractor:
     """Turns images into the backbone's pooled feature vectors (not normalised; the index decides that)."""
 
     def __init__(self, settings: Settings | None = None, *, logger: logging.Logger | None = None):
-        import torch
-
         self.settings = settings if settings is not None else Settings()
         self.logger = logger or logging.getLogger(__name__)
         self.device = resolve_device(self.settings.device)
+        self.precision = resolve_precision(self.settings.precision, self.device)
         loaded: LoadedBackbone = build_backbone(
             self.settings.model_name, weights_path=self.settings.weights_path, pretrained=self.settings.pretrained
         )
         self.spec = loaded.spec
         self.weights_fingerprint = loaded.weights_fingerprint
-        self.model = loaded.module.to(self.device, memory_format=torch.channels_last)
+        self.model = loaded.module
         self.input_size = self.settings.input_size
         preprocess = self.spec.preprocess
-        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply-add.
-        self._scale = (1.0 / (255.0 * std)).to(self.device)
-        self._shift = (-mean / std).to(self.device)
         self._resample = _RESAMPLE[preprocess.interpolation]
-        self._weights: dict[tuple[int, int], object] = {}  # centre weights per feature-map size
+        self.graph = PixelsToFeatures(self.model, preprocess.mean, preprocess.std, self.settings.pooling)
+        self.runner = build_runner(
+            self.graph,
+            runtime=self.settings.runtime,
+            precision=self.precision,
+            device=self.device,
+            threads=self.settings.threads,
+            input_size=self.input_size,
+            cache_dir=self.settings.cache_dir,
+            identity=self._graph_identity(),
+            resample=self._resample,
+        )
+        # JPEGs decoded as tensors on the model's device (nvJPEG on a GPU); None: Pillow in the worker threads.
+        self.tensor_decoder: TensorDecoder | None = None
+        if self.device.startswith("cuda") and self.settings.runtime == "torch" and TensorDecoder.available():
+            self.tensor_decoder = TensorDecoder(self.device, self.input_size, self.settings.max_image_pixels)
 
     @property
     def dim(self) -> int:
@@ -104,7 +111,22 @@ class FeatureExtractor:
         return self.spec.name
 
     def describe(self) -> dict:
-        """Everything that decides what vector an image gets; stored in manifests and compared on load."""
+        """Everything that decides what vector an image gets; stored in manifests and compared on load.
+
+        The runtime is left out for fp32 (every runtime gives the same vectors to float rounding); INT8 names it,
+        since each runtime rounds its integer arithmetic its own way.
+        """
+        precision = self.precision
+        if precision == "int8":
+            precision = f"int8-{CALIBRATION_VERSION}-{self.settings.runtime}"
+        return {
+            **self._graph_identity(),
+            "precision": precision,
+            "decode": "nvjpeg" if self.tensor_decoder is not None else "pillow-draft",
+        }
+
+    def _graph_identity(self) -> dict:
+        """What decides the network's graph (not how it is run)."""
         return {
             "model_name": self.spec.name,
             "weights": self.weights_fingerprint,
@@ -156,23 +178,20 @@ class FeatureExtractor:
         # By default a bar for long work only, and only on a terminal (tqdm's disable=None).
         disable = (not progress) if progress is not None else (True if n <= self.settings.batch_size else None)
         bar = tqdm(total=n, unit="img", desc=f"extracting ({self.spec.name})", disable=disable)
-        batch: list[np.ndarray] = []
-        batch_pos: list[int] = []
+        batch: list[tuple[int, object, str]] = []  # (position, pixels or JPEG data, format)
         try:
             for pos, (pixels, fmt_or_error) in enumerate(self._decoded(images)):
                 if pixels is None:
                     errors[pos] = fmt_or_error
                     bar.update(1)
                 else:
-                    batch.append(pixels)
-                    batch_pos.append(pos)
-                    formats.append(fmt_or_error)
+                    batch.append((pos, pixels, fmt_or_error))
                 if len(batch) == self.settings.batch_size:
-                    self._run(batch, batch_pos, vectors, ok)
+                    self._run(batch, vectors, ok, formats, errors)
                     bar.update(len(batch))
-                    batch, batch_pos = [], []
+                    batch = []
             if batch:
-                self._run(batch, batch_pos, vectors, ok)
+                self._run(batch, vectors, ok, formats, errors)
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -184,7 +203,7 @@ class FeatureExtractor:
         """Decode and resize one image to the model's input: (HxWx3 uint8, format) or (None, reason)."""
         size = self.input_size
         try:
-            decoded = open_image(image, self.settings.max_image_pixels)
+            decoded = open_image(image, self.settings.max_image_pixels, draft_size=size)
             img = decoded.image.resize((size, size), self._resample)
             return np.asarray(img, dtype=np.uint8), decoded.format
         except ImageError as exc:
@@ -192,42 +211,149 @@ class FeatureExtractor:
         except Exception as exc:  # a decoder bug on one hostile file must not stop a whole build
             return None, f"cannot decode image ({type(exc).__name__}: {exc})"
 
-    def _decoded(self, images: Iterable[ImageSource]) -> Iterator[tuple[np.ndarray | None, str]]:
+    def _load(self, image: ImageSource) -> tuple[object | None, str]:
+        """What a worker thread makes of one image: pixels, or a plain JPEG's bytes for the tensor decoder."""
+        if self.tensor_decoder is not None:
+            data = self.tensor_decoder.accepts(image)
+            if data is not None:
+                return data, "JPEG"
+        return self.load_pixels(image)
+
+    def _decoded(self, images: Iterable[ImageSource]) -> Iterator[tuple[object | None, str]]:
         workers = self.settings.num_workers
-        if workers == 0:
-            yield from map(self.load_pixels, images)
+        if workers == 0 or (isinstance(images, Sized) and len(images) <= 1):  # one query: no thread hand-off
+            yield from map(self._load, images)
             return
         ahead = max(2 * self.settings.batch_size, 4 * workers)  # bounded, so a huge catalog never sits in memory
         with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-decode") as pool:
             source = iter(images)
-            pending = deque(pool.submit(self.load_pixels, im) for im in islice(source, ahead))
+            pending = deque(pool.submit(self._load, im) for im in islice(source, ahead))
             while pending:
                 result = pending.popleft().result()
                 for im in islice(source, 1):
-                    pending.append(pool.submit(self.load_pixels, im))
+                    pending.append(pool.submit(self._load, im))
                 yield result
 
-    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
-        """Model forward pass and pooling over a (B, H, W, 3) uint8 batch -> (B, raw_dim) float32."""
-        import torch
+    def embed_pixels(self, batch) -> np.ndarray:
+        """Normalisation, network and pooling over a (B, H, W, 3) uint8 batch -> (B, raw_dim) float32."""
+        return self.runner(batch)
 
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)  # NHWC memory = channels_last
-            x = x.float().mul_(self._scale).add_(self._shift)
-            maps = self.model(x)
-            return torch.cat([self._pool(m.float()) for m in maps], dim=1).cpu().numpy()
-
-    def _pool(self, fmap):
-        import torch
-
-        if self.settings.pooling == "avg":
-            return fmap.mean(dim=(2, 3))
-        h, w = fmap.shape[-2:]
-        key = (h, w)
-        if key not in self._weights:
-            self._weights[key] = torch.from_numpy(center_weights(h, w)).to(fmap.device)
-        return torch.einsum("bchw,hw->bc", fmap, self._weights[key])
-
-    def _run(self, batch: list[np.ndarray], positions: list[int], out: np.ndarray, ok: list[int]) -> None:
-        out[positions] = self.embed_pixels(np.stack(batch))
+    def _run(self, batch, out: np.ndarray, ok: list[int], formats: list[str], errors: dict[int, str]) -> None:
+        if any(isinstance(item, JpegData) for _, item, _ in batch):
+            batch, pixels = self._tensor_batch(batch, errors)
+            if not batch:
+                return
+        else:
+            pixels = np.stack([item for _, item, _ in batch])
+        positions = [pos for pos, _, _ in batch]
+        out[positions] = self.embed_pixels(pixels)
         ok.extend(positions)
+        formats.extend(fmt for _, _, fmt in batch)
+
+    def _tensor_batch(self, batch, errors: dict[int, str]):
+        """The batch as one uint8 tensor on the device: JPEGs decoded there, the rest uploaded. A JPEG the tensor
+        decoder rejects goes through Pillow instead (which names what is wrong with it)."""
+        import torch
+
+        decoder = self.tensor_decoder
+        assert decoder is not None
+        jpegs = [i for i, (_, item, _) in enumerate(batch) if isinstance(item, JpegData)]
+        decoded = None
+        try:
+            decoded = decoder.decode([batch[i][1].data for i in jpegs])
+        except Exception as exc:  # one bad file fails the whole call: sort it out image by image
+            self.logger.debug("tensor JPEG decoding failed for a batch (%s); decoding it with Pillow", exc)
+        if decoded is None:
+            items = []
+            for pos, item, fmt in batch:
+                if isinstance(item, JpegData):
+                    item, fmt = self.load_pixels(item.data)
+                    if item is None:
+                        errors[pos] = fmt
+                        continue
+                items.append((pos, item, fmt))
+            return items, (np.stack([item for _, item, _ in items]) if items else None)
+        size = self.input_size
+        pixels = torch.empty((len(batch), size, size, 3), dtype=torch.uint8, device=decoder.device)
+        pixels[jpegs] = decoded
+        others = [i for i in range(len(batch)) if i not in set(jpegs)]
+        if others:
+            host = torch.from_numpy(np.stack([batch[i][1] for i in others]))
+            pixels[others] = host.to(decoder.device, non_blocking=True)
+        return batch, pixels
+
+
+@dataclass(frozen=True)
+class JpegData:
+    """A plain JPEG's bytes, for the tensor decoder."""
+
+    data: bytes
+
+
+class TensorDecoder:
+    """Decodes batches of plain JPEGs with ``torchvision.io.decode_jpeg`` on a device (nvJPEG on a CUDA GPU) and
+    resizes them there (bilinear with antialiasing, as Pillow does), giving (B, size, size, 3) uint8 tensors.
+
+    Only baseline RGB or grayscale JPEGs without an EXIF rotation, within the pixel limit, take this path
+    (``accepts`` reads the header with Pillow to check); everything else goes through Pillow as usual.
+    """
+
+    def __init__(self, device: str, size: int, max_pixels: int):
+        self.device = device
+        self.size = size
+        self.max_pixels = max_pixels
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from torchvision.io import decode_jpeg  # noqa: F401
+        except ImportError:  # pragma: no cover - torchvision without image I/O
+            return False
+        return True
+
+    def accepts(self, image: ImageSource) -> JpegData | None:
+        import io
+        from pathlib import Path
+
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        elif isinstance(image, (str, Path)):
+            try:
+                data = Path(image).read_bytes()
+            except OSError:
+                return None  # Pillow's path says what is wrong
+        else:
+            return None
+        if data[:3] != b"\xff\xd8\xff":
+            return None
+        try:
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+                w, h = img.size
+                plain = img.mode in ("RGB", "L") and not img.info.get("progressive") and not img.info.get("progression")
+                upright = img.getexif().get(0x0112, 1) == 1
+        except Exception:
+            return None
+        if not plain or not upright or w * h > self.max_pixels or w <= 0 or h <= 0:
+            return None
+        return JpegData(data)
+
+    def decode(self, datas: Sequence[bytes]):
+        import torch
+        from torch.nn import functional as F
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not datas:
+            return torch.empty((0, self.size, self.size, 3), dtype=torch.uint8, device=self.device)
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        out = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8, device=self.device)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape[-2:]), []).append(i)
+        for rows in by_shape.values():  # one resize per distinct size (catalogs repeat a few sizes)
+            x = torch.stack([images[i] for i in rows]).float()
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            out[rows] = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return out

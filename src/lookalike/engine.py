@@ -212,7 +212,13 @@ class ImageSearchEngine:
         """Adapt to these catalog rows (raw vectors in catalog order), index them and make that the live state."""
         adaptation = adapt(raw, np.array(product_ids, dtype=object), self.extractor.dim, tune=tune)
         vectors = adaptation.transform(raw, self.extractor.dim)
-        index = VectorIndex.build(vectors, self.settings.similarity_metric)
+        index = VectorIndex.build(
+            vectors,
+            self.settings.similarity_metric,
+            index_type=self.settings.index_type,
+            exact_below=self.settings.exact_below,
+            device=self.extractor.device,
+        )
         return self._commit(index, paths, product_ids, formats, skipped, adaptation, persist=persist)
 
     def _commit(
@@ -229,7 +235,7 @@ class ImageSearchEngine:
             "model_fingerprint": extractor.fingerprint,
             "metric": index.metric,
             "normalized": index.normalized,
-            "index": {"type": index.type_name, "ntotal": index.ntotal, "dim": index.dim},
+            "index": {"type": index.type_name, "factory": index.factory, "ntotal": index.ntotal, "dim": index.dim},
             "projection": None if adaptation.projection is None else dict(adaptation.projection.info),
             "tuning": adaptation.tuning,
             "calibration": adaptation.calibration,
@@ -257,7 +263,12 @@ class ImageSearchEngine:
         stored = read_index(self.settings)
         manifest = stored.manifest
         self._check_manifest(manifest)
-        index = VectorIndex.from_bytes(stored.files["index"], manifest["metric"])
+        index = VectorIndex.from_bytes(
+            stored.files["index"],
+            manifest["metric"],
+            factory=manifest["index"].get("factory"),
+            device=self.extractor.device,
+        )
         images = manifest["images"]
         if index.ntotal != len(images["path"]):
             raise IndexFileError(

@@ -2,14 +2,29 @@
 
 Positions in the index are rows: row ``i`` is the ``i``-th image of the metadata. Removing rows shifts the
 later ones down, in order, exactly as the metadata lists do.
+
+Which index: ``index_type="auto"`` keeps exact search (``Flat``) for catalogs under ``exact_below`` images and
+switches to an approximate, compressed one above it (see :func:`choose_index`); any FAISS factory string
+(``"HNSW32,SQ8"``, ``"IVF1024,PQ64"``, ``"PCA256,HNSW32"``, ...) picks one by hand. Search parameters
+(``efSearch``, ``nprobe``) are set when the index is built and travel inside the index file.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 METRIC_COSINE = "cosine"
 METRIC_L2 = "l2"
+INDEX_AUTO = "auto"
+DEFAULT_EXACT_BELOW = 10_000
+COMPRESSED_FROM = 1_000_000  # auto: from here on 1 byte a dimension is too much; PCA + IVF + 8-bit codes
+HNSW_EF_SEARCH = 128  # recall@10 >= 0.99 against exact search up to a few hundred thousand vectors (benchmarks/)
+IVF_NPROBE = 64  # at least; nlist / 32 for large indexes
+TRAIN_MAX = 200_000  # vectors used to train quantizers (a seeded sample beyond that)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -19,33 +34,123 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-class VectorIndex:
-    """Exact search: inner product over L2-normalised vectors for cosine, Euclidean distance for l2."""
+def choose_index(n: int, dim: int, index_type: str = INDEX_AUTO, exact_below: int = DEFAULT_EXACT_BELOW) -> str:
+    """The FAISS factory string for ``n`` vectors of ``dim`` values.
 
-    def __init__(self, index, metric: str):
+    ``auto``: exact (``Flat``) under ``exact_below``; then HNSW over 8-bit scalar-quantized vectors behind a
+    randomized Hadamard rotation (``HR<block>``, see :class:`HadamardRotation`: it spreads each vector's energy
+    evenly over the dimensions, which makes 8-bit codes accurate enough for recall@10 >= 0.99; a quarter of flat
+    fp32's memory, well under a millisecond a query); from ``COMPRESSED_FROM`` on, PCA + IVF + 8-bit codes (1/8
+    of flat fp32's memory). The README's "Speed" section has the measured recall, latency and memory of each.
+    """
+    if index_type != INDEX_AUTO:
+        return index_type
+    if n < exact_below:
+        return "Flat"
+    if n < COMPRESSED_FROM:
+        block = hadamard_block(dim)
+        return f"HR{block},HNSW32,SQ8" if block else "HNSW32,SQ8"
+    nlist = int(min(65536, max(1024, 4 * round(np.sqrt(n)))))
+    # 8-bit codes of the leading principal directions, 47% of them: with the ids and the coarse quantizer that is
+    # just under 1/8 of flat fp32's memory (embeddings keep most of their variance in their first directions).
+    keep = max(8, int(dim * 0.47) // 8 * 8)
+    return f"PCA{keep},IVF{nlist}_HNSW32,SQ8"
+
+
+class VectorIndex:
+    """Inner product over L2-normalised vectors for cosine, Euclidean distance for l2; exact or approximate."""
+
+    def __init__(self, index, metric: str, *, factory: str | None = None, device: str = "cpu"):
         self._index = index
         self.metric = metric
+        self.factory = factory or _describe(index)
+        block, _ = split_rotation(self.factory)
+        # Applied here, not inside FAISS (whose linear transforms are dense d x d matrices): O(d) to keep.
+        self._rotation = HadamardRotation(int(index.d), block) if block else None
+        self.device = device  # "cuda..." searches exact indexes with a torch matmul on the GPU
+        self._mirror = None  # the vectors on the GPU, made on first search
+        _set_runtime_parameters(index)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, metric: str) -> VectorIndex:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        metric: str,
+        *,
+        index_type: str = "Flat",
+        exact_below: int = DEFAULT_EXACT_BELOW,
+        device: str = "cpu",
+    ) -> VectorIndex:
+        """An index over ``vectors`` (raw; normalised here for cosine). ``index_type`` ``"auto"`` chooses by size."""
         import faiss
 
         if metric not in (METRIC_COSINE, METRIC_L2):
             raise ValueError(f"unknown similarity metric {metric!r}; available: cosine, l2")
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         dim = int(vectors.shape[1])
-        index = faiss.IndexFlatIP(dim) if metric == METRIC_COSINE else faiss.IndexFlatL2(dim)
-        out = cls(index, metric)
-        out.add(vectors)
+        factory = choose_index(len(vectors), dim, index_type, exact_below)
+        block, inner = split_rotation(factory)
+        if block and (dim % block or block & (block - 1)):
+            raise ValueError(f"index_type {factory!r}: HR<block> needs a power of two that divides the dimension {dim}")
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == METRIC_COSINE else faiss.METRIC_L2
+        try:
+            try:
+                if inner == "Flat" and not block:  # the classes FAISS' own flat factory does not name
+                    index = faiss.IndexFlatIP(dim) if metric == METRIC_COSINE else faiss.IndexFlatL2(dim)
+                elif metric == METRIC_COSINE and "PCA" in inner:
+                    # PCA centres the data, which keeps L2 distances but not inner products; on unit vectors
+                    # L2 ranks exactly as cosine does (|q-x|^2 = 2 - 2 q.x), so the index works in L2.
+                    index = faiss.index_factory(dim, inner, faiss.METRIC_L2)
+                else:
+                    index = faiss.index_factory(dim, inner, faiss_metric)
+            except RuntimeError as exc:
+                if metric != METRIC_COSINE or "inner product" not in str(exc):
+                    raise
+                # Unit vectors rank the same by L2 distance as by inner product (|q-x|^2 = 2 - 2 q.x), so an
+                # index that only knows L2 (IVFPQR, ...) serves cosine too; search converts back.
+                index = faiss.index_factory(dim, inner, faiss.METRIC_L2)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"index_type {factory!r} is not a FAISS index factory string for {dim}-d vectors "
+                f"({_faiss_message(exc)}); use auto, Flat, HNSW32,SQ8, IVF1024,PQ64, ..."
+            ) from None
+        out = cls(index, metric, factory=factory, device=device)
+        prepared = out.prepare(vectors)
+        if not index.is_trained:
+            out._train(prepared)
+        _set_search_defaults(index)
+        if len(prepared):
+            index.add(prepared)
         return out
+
+    def _train(self, prepared: np.ndarray) -> None:
+        if len(prepared) > TRAIN_MAX:
+            rng = np.random.default_rng(0)
+            prepared = prepared[np.sort(rng.choice(len(prepared), TRAIN_MAX, replace=False))]
+        try:
+            self._index.train(prepared)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"index_type {self.factory!r} cannot be trained on {len(prepared)} vectors "
+                f"({_faiss_message(exc)}); IVF<n> needs many more vectors than <n> lists: use auto or a smaller one"
+            ) from None
 
     @property
     def normalized(self) -> bool:
         return self.metric == METRIC_COSINE
 
+    @property
+    def exact(self) -> bool:
+        """Whether search is exhaustive over uncompressed vectors (the results are the true nearest)."""
+        import faiss
+
+        return isinstance(faiss.downcast_index(self._index), faiss.IndexFlat)
+
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """What the index stores and compares for these raw feature vectors."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        return l2_normalize(vectors) if self.normalized else np.ascontiguousarray(vectors)
+        vectors = l2_normalize(vectors) if self.normalized else np.ascontiguousarray(vectors)
+        return self._rotation.apply(vectors) if self._rotation is not None else vectors
 
     @property
     def ntotal(self) -> int:
@@ -57,18 +162,36 @@ class VectorIndex:
 
     @property
     def type_name(self) -> str:
-        return type(self._index).__name__
+        import faiss
+
+        return type(faiss.downcast_index(self._index)).__name__
 
     def add(self, vectors: np.ndarray) -> None:
         if len(vectors):
             self._index.add(self.prepare(vectors))
+            self._mirror = None
 
     def remove(self, rows: np.ndarray) -> None:
+        """Drop these rows; later rows move down in order. Indexes that cannot remove in place (HNSW, IVF, ...)
+        are rebuilt from their remaining stored vectors, with their trained quantizers kept."""
         import faiss
 
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows):
-            self._index.remove_ids(faiss.IDSelectorBatch(rows))
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if not len(rows):
+            return
+        inner = faiss.downcast_index(self._index)
+        if isinstance(inner, faiss.IndexFlatCodes):  # Flat, SQ, PQ: remove_ids shifts the rest down in order
+            inner.remove_ids(faiss.IDSelectorBatch(rows))
+        else:
+            keep = np.setdiff1d(np.arange(self.ntotal), rows)
+            stored = self._stored()[keep]
+            rebuilt = faiss.clone_index(self._index)
+            rebuilt.reset()
+            if len(stored):
+                rebuilt.add(stored)
+            _set_runtime_parameters(rebuilt)
+            self._index = rebuilt
+        self._mirror = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (n, k'), with k' = min(k, ntotal); best first.
@@ -79,28 +202,44 @@ class VectorIndex:
         q = self.prepare(queries)
         if k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        scores, rows = self._index.search(q, k)
+        if self.device.startswith("cuda") and self.exact:
+            if self._mirror is None:
+                self._mirror = TorchFlat(self.vectors(), self.metric, self.device)
+            scores, rows = self._mirror.search(q, k)
+        else:
+            scores, rows = self._index.search(q, k)
         if self.metric == METRIC_L2:
             scores = np.sqrt(np.maximum(scores, 0.0))  # FAISS reports squared distances
+        elif self._index.metric_type != faiss_inner_product():
+            scores = 1.0 - scores / 2.0  # an L2 index over unit vectors: squared distance -> cosine
         return scores, rows
 
     def reconstruct(self, rows: list[int] | np.ndarray) -> np.ndarray:
-        """The stored vectors of these rows, (len(rows), dim)."""
+        """The stored vectors of these rows, (len(rows), dim) (decoded: approximate for compressed indexes)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._index.reconstruct(int(r)) for r in rows])
+        if len(rows) > 64:
+            return self.vectors()[rows]
+        return self._unrotate(np.stack([self._index.reconstruct(int(r)) for r in rows]))
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, (ntotal, dim), in row order."""
+        return self._unrotate(self._stored())
+
+    def _stored(self) -> np.ndarray:
+        """The vectors as the FAISS index holds them (rotated, if there is a rotation)."""
         if self.ntotal == 0:
             return np.zeros((0, self.dim), np.float32)
         return self._index.reconstruct_n(0, self.ntotal)
 
+    def _unrotate(self, vectors: np.ndarray) -> np.ndarray:
+        return self._rotation.invert(vectors) if self._rotation is not None else vectors
+
     def copy(self) -> VectorIndex:
         import faiss
 
-        return VectorIndex(faiss.clone_index(self._index), self.metric)
+        return VectorIndex(faiss.clone_index(self._index), self.metric, factory=self.factory, device=self.device)
 
     def nbytes(self) -> int:
         return len(self.to_bytes())
@@ -111,10 +250,144 @@ class VectorIndex:
         return faiss.serialize_index(self._index).tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, metric: str) -> VectorIndex:
+    def from_bytes(cls, data: bytes, metric: str, *, factory: str | None = None, device: str = "cpu") -> VectorIndex:
         import faiss
 
-        return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), metric)
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return cls(index, metric, factory=factory, device=device)
+
+
+def faiss_inner_product() -> int:
+    import faiss
+
+    return faiss.METRIC_INNER_PRODUCT
+
+
+def _set_search_defaults(index) -> None:
+    """Search parameters for recall@10 >= 0.95-0.99 (benchmarks/index_bench.py); they are saved with the index."""
+    import faiss
+
+    for part in _parts(index):
+        if isinstance(part, faiss.IndexHNSW):
+            part.hnsw.efSearch = HNSW_EF_SEARCH
+        elif isinstance(part, faiss.IndexIVF):
+            part.nprobe = min(part.nlist, max(IVF_NPROBE, part.nlist // 32))
+            part.make_direct_map()  # reconstruct() of single rows ("more like this")
+            quantizer = faiss.downcast_index(part.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * part.nprobe)
+        elif isinstance(part, faiss.IndexRefine):
+            part.k_factor = 4
+
+
+def _set_runtime_parameters(index) -> None:
+    """What FAISS does not save: IVF searches one query with all threads, over its lists (the default splits the
+    queries of a batch between threads, which leaves all but one idle for a single query)."""
+    import faiss
+
+    for part in _parts(index):
+        if isinstance(part, faiss.IndexIVF):
+            part.parallel_mode = 1
+
+
+def _parts(index):
+    """The index and the indexes it wraps (pre-transforms, refinement), outermost first."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    yield index
+    if isinstance(index, faiss.IndexPreTransform):
+        yield from _parts(index.index)
+    elif isinstance(index, faiss.IndexRefine):
+        yield from _parts(index.base_index)
+
+
+def _describe(index) -> str:
+    return type(_first(index)).__name__
+
+
+def _first(index):
+    return next(iter(_parts(index)))
+
+
+def _faiss_message(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("Error")), lines[-1] if lines else type(exc).__name__)
+
+
+def split_rotation(factory: str) -> tuple[int, str]:
+    """``"HR128,HNSW32,SQ8"`` -> (128, ``"HNSW32,SQ8"``); no rotation -> (0, factory)."""
+    head, _, rest = factory.partition(",")
+    if head.startswith("HR") and head[2:].isdigit() and rest:
+        return int(head[2:]), rest
+    return 0, factory
+
+
+def hadamard_block(dim: int, largest: int = 128) -> int:
+    """The largest power of two up to ``largest`` dividing ``dim``, or 0 when that is under 16 (no use)."""
+    block = largest
+    while block >= 16:
+        if dim % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+class HadamardRotation:
+    """A randomized block Hadamard rotation: random signs, then a normalised Hadamard matrix on each block.
+
+    Orthogonal (distances and inner products are unchanged), its own inverse up to the signs, fixed by the
+    dimension and block size alone (the signs come from a fixed PCG64 bit stream, the same on every machine), so
+    nothing but ``HR<block>`` in the manifest's factory string needs keeping. Like a dense random rotation, it
+    spreads each vector's energy evenly over the dimensions, so 8-bit scalar codes lose much less (measured on
+    clustered 2048-d vectors: recall@10 0.985 -> 0.994).
+    """
+
+    def __init__(self, dim: int, block: int):
+        h = np.ones((1, 1), np.float32)
+        while len(h) < block:
+            h = np.block([[h, h], [h, -h]])
+        self.block = block
+        self.matrix = (h / np.sqrt(block)).astype(np.float32)
+        bits = np.random.PCG64(20261126).random_raw(dim) & 1
+        self.signs = np.where(bits == 1, -1.0, 1.0).astype(np.float32)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        return np.ascontiguousarray(((x * self.signs).reshape(n, -1, self.block) @ self.matrix).reshape(n, -1))
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        n = len(y)
+        return np.ascontiguousarray((y.reshape(n, -1, self.block) @ self.matrix).reshape(n, -1) * self.signs)
+
+
+class TorchFlat:
+    """Exact top-k as one matrix product on a torch device (a GPU): what FAISS' flat search does on the CPU.
+
+    Used for exact indexes when ``device`` is CUDA; it runs on any torch device, which is how it is tested here.
+    """
+
+    def __init__(self, vectors: np.ndarray, metric: str, device: str):
+        import torch
+
+        self.metric = metric
+        self.device = device
+        self.x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+        self.sq = (self.x * self.x).sum(dim=1) if metric == METRIC_L2 else None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) as FAISS gives them: inner products for cosine, squared distances for l2."""
+        import torch
+
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+            sims = q @ self.x.T
+            if self.metric == METRIC_L2:
+                dist = ((q * q).sum(dim=1, keepdim=True) + self.sq[None, :] - 2 * sims).clamp_(min=0)
+                scores, rows = dist.topk(k, dim=1, largest=False)
+            else:
+                scores, rows = sims.topk(k, dim=1)
+            return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
 
 
 def similarity_from_distance(distance: np.ndarray) -> np.ndarray:

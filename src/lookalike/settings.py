@@ -21,6 +21,13 @@ ENV_PREFIX = "LOOKALIKE_"
 DEFAULT_CONFIG_FILE = Path("configs/configs.yaml")
 METRICS = ("cosine", "l2")
 POOLINGS = ("center", "avg")
+RUNTIMES = ("torch", "onnx", "openvino")  # what runs the network (lookalike.runtime)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+_RUNTIME_PRECISIONS = {
+    "torch": ("auto", "fp32", "fp16", "bf16"),
+    "onnx": ("auto", "fp32", "int8"),
+    "openvino": ("auto", "fp32", "bf16", "int8"),
+}
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _AUTO = object()
 
@@ -51,6 +58,11 @@ class Settings:
     weights_path: Path | None = None  # a local checkpoint instead of the backbone's standard weights
     pretrained: bool = True  # False builds random weights (speed benchmarks only), with a warning
     num_workers: int = 2  # image decoding threads that run beside inference
+    runtime: str = "torch"  # torch, onnx (ONNX Runtime) or openvino: what runs the network
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16, int8 (static quantization)
+    threads: int | None = None  # threads the network may use; None: the runtime's default (one per core)
+    index_type: str = "auto"  # auto: exact below exact_below images, approximate above; or a FAISS factory string
+    exact_below: int = 10_000  # with index_type auto: catalogs smaller than this get exact search
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression bombs)
     # HTTP server (`lookalike serve`)
     host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 for every interface
@@ -118,7 +130,7 @@ class Settings:
         return out
 
 
-_NULLABLE = {"img_size", "embedding_dim", "index_file", "metadata_file", "weights_path", "admin_token"}
+_NULLABLE = {"img_size", "threads", "embedding_dim", "index_file", "metadata_file", "weights_path", "admin_token"}
 SECRET_SETTINGS = frozenset({"admin_token"})  # never in to_dict(), repr() or an error message
 MIN_ADMIN_TOKEN_LENGTH = 16
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]%]{1,253}$")
@@ -210,6 +222,18 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = _as_int(name, value, 1, 4096)
         elif name == "num_workers":
             out[name] = _as_int(name, value, 0, 64)
+        elif name == "threads":
+            out[name] = None if _is_unset(value) else _as_int(name, value, 1, 1024)
+        elif name == "exact_below":
+            out[name] = _as_int(name, value, 0, 2_000_000_000)
+        elif name in {"runtime", "precision"}:
+            text = str(value).strip().lower()
+            allowed = RUNTIMES if name == "runtime" else PRECISIONS
+            if text not in allowed:
+                raise SettingsError(f"{name}={value!r} is not allowed: expected one of {', '.join(allowed)}")
+            out[name] = text
+        elif name == "index_type":
+            out[name] = _as_index_type(name, value)
         elif name == "max_image_pixels":
             out[name] = _as_int(name, value, 1, 1_000_000_000)
         elif name == "embedding_dim":
@@ -261,7 +285,36 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
             f"embedding_dim={dim} is not allowed with model_name={model!r}: that model produces "
             f"{get_backbone(model).dim}-d vectors (leave embedding_dim unset to follow the model)"
         )
+    runtime, precision = out.get("runtime", Settings.runtime), out.get("precision", Settings.precision)
+    if precision not in _RUNTIME_PRECISIONS[runtime]:
+        raise SettingsError(
+            f"precision={precision!r} is not allowed with runtime={runtime!r}: it runs "
+            f"{', '.join(_RUNTIME_PRECISIONS[runtime])} (int8 needs runtime onnx or openvino)"
+        )
+    device = out.get("device", Settings.device)
+    if runtime == "openvino" and device.startswith("cuda"):
+        raise SettingsError(f"runtime='openvino' is not allowed with device={device!r}: OpenVINO runs on the CPU here")
+    if precision == "fp16" and device == "cpu":
+        raise SettingsError(
+            "precision='fp16' is not allowed with device='cpu': fp16 is for CUDA GPUs (use fp32 or int8)"
+        )
     return out
+
+
+def _as_index_type(name: str, value: Any) -> str:
+    """``auto`` or a FAISS index factory string (checked by FAISS itself when the index is built)."""
+    text = str(value).strip()
+    if text.lower() == "auto":
+        return "auto"
+    if not _INDEX_TYPE_RE.match(text):
+        raise SettingsError(
+            f"{name}={value!r} is not allowed: expected auto or a FAISS index factory string such as Flat, "
+            "HNSW32,SQ8, IVF1024,PQ64 or PCA256,HNSW32"
+        )
+    return text
+
+
+_INDEX_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_,.()x=+]{0,199}$")
 
 
 def settings_fields() -> list[dataclasses.Field]:
