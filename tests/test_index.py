@@ -60,6 +60,7 @@ CHOICES = [
     ("IVF16,PQ32x4fs,Refine(SQ8)", 0.9),
     ("IVF16,PQ8+16", 0.8),  # IVFPQR: L2 only in FAISS; cosine runs it on unit vectors
     ("PCA48,IVF16,SQ8", 0.8),  # PCA centres the data: cosine runs in L2 on unit vectors
+    ("PCA40,IVF16_HNSW32,SQ6", 0.8),  # the shape auto builds from a million vectors on
 ]
 
 
@@ -133,6 +134,22 @@ def test_reconstruct_single_rows_of_an_ivf_index(data):
     np.testing.assert_allclose(index.reconstruct(rows), l2_normalize(database[rows]), atol=1e-6)
 
 
+def test_ivf_row_lookup_costs_memory_only_once_it_is_used(data):
+    """The direct map (8 bytes a row) is made on the first single-row lookup, and survives saving."""
+    database, _ = data
+    index = VectorIndex.build(database, "cosine", index_type="IVF16,SQ8")
+    built = index.nbytes()
+    loaded = VectorIndex.from_bytes(index.to_bytes(), "cosine", factory=index.factory)
+    rows = [5, 17, 2999]
+    expected = index.vectors()[rows]  # read list by list, no map needed
+    np.testing.assert_allclose(loaded.reconstruct(rows), expected, atol=1e-6)
+    assert loaded.nbytes() == built + 8 * len(database)
+    index.remove(np.array([0, 1]))
+    np.testing.assert_allclose(index.reconstruct([3, 15]), expected[:2], atol=1e-6)
+    again = VectorIndex.from_bytes(loaded.to_bytes(), "cosine", factory=loaded.factory)
+    np.testing.assert_allclose(again.reconstruct(rows), expected, atol=1e-6)
+
+
 def test_k_larger_than_the_index_and_empty_index(data):
     database, queries = data
     small = VectorIndex.build(database[:5], "cosine", index_type="HNSW32,Flat")
@@ -151,7 +168,7 @@ def test_auto_is_exact_below_the_threshold_and_approximate_above():
     assert choose_index(10_000, 2048, "auto", 10_000) == "HR128,HNSW32,SQ8"
     assert choose_index(50, 1000, "auto", 0) == "HNSW32,SQ8"  # 1000 = 8 x 125: no block worth rotating
     assert choose_index(50, 64, "auto", 0) == "HR64,HNSW32,SQ8"
-    assert choose_index(COMPRESSED_FROM, 2048, "auto", 10_000) == "PCA960,IVF4000_HNSW32,SQ8"
+    assert choose_index(COMPRESSED_FROM, 2048, "auto", 10_000) == "PCA1280,IVF4000_HNSW32,SQ6"
     assert choose_index(5, 1280, "HNSW16,Flat", 10_000) == "HNSW16,Flat"  # a factory string is taken as it is
 
 

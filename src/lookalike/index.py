@@ -12,6 +12,7 @@ switches to an approximate, compressed one above it (see :func:`choose_index`); 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -21,7 +22,7 @@ METRIC_COSINE = "cosine"
 METRIC_L2 = "l2"
 INDEX_AUTO = "auto"
 DEFAULT_EXACT_BELOW = 10_000
-COMPRESSED_FROM = 1_000_000  # auto: from here on 1 byte a dimension is too much; PCA + IVF + 8-bit codes
+COMPRESSED_FROM = 1_000_000  # auto: from here on 1 byte a dimension is too much; PCA + IVF + 6-bit codes
 HNSW_EF_SEARCH = 128  # recall@10 >= 0.99 against exact search up to a few hundred thousand vectors (benchmarks/)
 IVF_NPROBE = 64  # at least; nlist / 32 for large indexes
 TRAIN_MAX = 200_000  # vectors used to train quantizers (a seeded sample beyond that)
@@ -40,7 +41,7 @@ def choose_index(n: int, dim: int, index_type: str = INDEX_AUTO, exact_below: in
     ``auto``: exact (``Flat``) under ``exact_below``; then HNSW over 8-bit scalar-quantized vectors behind a
     randomized Hadamard rotation (``HR<block>``, see :class:`HadamardRotation`: it spreads each vector's energy
     evenly over the dimensions, which makes 8-bit codes accurate enough for recall@10 >= 0.99; a quarter of flat
-    fp32's memory, well under a millisecond a query); from ``COMPRESSED_FROM`` on, PCA + IVF + 8-bit codes (1/8
+    fp32's memory, well under a millisecond a query); from ``COMPRESSED_FROM`` on, PCA + IVF + 6-bit codes (1/8
     of flat fp32's memory). The README's "Speed" section has the measured recall, latency and memory of each.
     """
     if index_type != INDEX_AUTO:
@@ -51,10 +52,12 @@ def choose_index(n: int, dim: int, index_type: str = INDEX_AUTO, exact_below: in
         block = hadamard_block(dim)
         return f"HR{block},HNSW32,SQ8" if block else "HNSW32,SQ8"
     nlist = int(min(65536, max(1024, 4 * round(np.sqrt(n)))))
-    # 8-bit codes of the leading principal directions, 47% of them: with the ids and the coarse quantizer that is
-    # just under 1/8 of flat fp32's memory (embeddings keep most of their variance in their first directions).
-    keep = max(8, int(dim * 0.47) // 8 * 8)
-    return f"PCA{keep},IVF{nlist}_HNSW32,SQ8"
+    # 6-bit codes of the leading principal directions, 62.5% of them, encoded as residuals from their IVF
+    # centroid: with the ids and the coarse quantizer just under 1/8 of flat fp32's memory. At that budget more
+    # directions at 6 bits keep more of the neighbours than fewer at 8 bits (recall@10 0.951 vs 0.937 on a
+    # million clustered 2048-d vectors, benchmarks/bench_1m.py).
+    keep = max(8, int(dim * 0.625) // 8 * 8)
+    return f"PCA{keep},IVF{nlist}_HNSW32,SQ6"
 
 
 class VectorIndex:
@@ -69,6 +72,7 @@ class VectorIndex:
         self._rotation = HadamardRotation(int(index.d), block) if block else None
         self.device = device  # "cuda..." searches exact indexes with a torch matmul on the GPU
         self._mirror = None  # the vectors on the GPU, made on first search
+        self._lock = threading.Lock()  # guards structures made on first use (the IVF direct map)
         _set_runtime_parameters(index)
 
     @classmethod
@@ -221,7 +225,19 @@ class VectorIndex:
             return np.zeros((0, self.dim), np.float32)
         if len(rows) > 64:
             return self.vectors()[rows]
+        self._ensure_direct_map()
         return self._unrotate(np.stack([self._index.reconstruct(int(r)) for r in rows]))
+
+    def _ensure_direct_map(self) -> None:
+        """IVF indexes find one row through a direct map (8 bytes a vector). It is made on the first call that
+        needs one ("more like this"), not at build time, so that an index that never serves it stays within its
+        memory budget (1/8 of flat fp32 for the million-vector ``auto`` index)."""
+        import faiss
+
+        with self._lock:
+            for part in _parts(self._index):
+                if isinstance(part, faiss.IndexIVF) and part.direct_map.type == faiss.DirectMap.NoMap:
+                    part.make_direct_map()
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, (ntotal, dim), in row order."""
@@ -272,7 +288,6 @@ def _set_search_defaults(index) -> None:
             part.hnsw.efSearch = HNSW_EF_SEARCH
         elif isinstance(part, faiss.IndexIVF):
             part.nprobe = min(part.nlist, max(IVF_NPROBE, part.nlist // 32))
-            part.make_direct_map()  # reconstruct() of single rows ("more like this")
             quantizer = faiss.downcast_index(part.quantizer)
             if isinstance(quantizer, faiss.IndexHNSW):
                 quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * part.nprobe)
