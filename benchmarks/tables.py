@@ -16,39 +16,65 @@ def main() -> None:
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
     extract = _load(folder / "extract.json")
     if extract:
-        print("| model | setting | input | images/s | x seed |")
-        print("|---|---|---|---|---|")
-        for r in extract["results"]:
-            print(
-                f"| {r['model']} | {r['setting']} | {r['img_size']} | {r['images_per_s']:.1f} | "
-                f"{r['ratio_to_seed']:.2f} |"
-            )
-        print()
+        _table(
+            ["model", "setting", "input", "images/s", "x seed"],
+            [
+                [r["model"], r["setting"], r["img_size"], f"{r['images_per_s']:.1f}", f"{r['ratio_to_seed']:.2f}"]
+                for r in extract["results"]
+            ],
+        )
     search = _load(folder / "search.json")
     if search:
-        print("| vectors | index | factory | MB | p50 ms | batch q/s | recall@10 | p50 x seed |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in search["index"]:
-            print(
-                f"| 10k x {r['dim']} | {r['index']} | `{r['factory']}` | {r['mb']:.1f} | {r['p50_ms']:.2f} | "
-                f"{r['batch_qps']:.0f} | {r['recall@10']:.3f} | {r['p50_ratio_to_seed']:.1f} |"
-            )
-        print()
-        print("| model | setting | p50 ms | p90 ms | x seed |")
-        print("|---|---|---|---|---|")
-        for r in search["end_to_end"]:
-            cells = [r["model"], r["setting"], f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio_to_seed']:.2f}"]
-            print("| " + " | ".join(cells) + " |")
-        print()
+        _table(
+            ["vectors", "index", "factory", "MB", "p50 ms", "batch q/s", "recall@10", "p50 x seed"],
+            [
+                [
+                    f"10k x {r['dim']}",
+                    r["index"],
+                    f"`{r['factory']}`",
+                    f"{r['mb']:.1f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['batch_qps']:.0f}",
+                    f"{r['recall@10']:.3f}",
+                    f"{r['p50_ratio_to_seed']:.1f}",
+                ]
+                for r in search["index"]
+            ],
+        )
+        _table(
+            ["model", "setting", "p50 ms", "p90 ms", "x seed"],
+            [
+                [r["model"], r["setting"], f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio_to_seed']:.2f}"]
+                for r in search["end_to_end"]
+            ],
+        )
     big = _load(folder / "index_1m.json")
     if big:
-        print("| vectors | factory | build s | bytes/vector | memory vs flat fp32 | p50 ms | p90 ms | recall@10 |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in big["results"]:
-            print(
-                f"| {r['n']:,} x {r['dim']} | `{r['factory']}` | {r['build_s']:.0f} | {r['bytes_per_vector']:.0f} | "
-                f"1/{1 / r['memory_vs_flat_fp32']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['recall@10']:.3f} |"
-            )
+        _table(
+            ["vectors", "factory", "build s", "bytes/vector", "memory vs flat fp32", "p50 ms", "p90 ms", "recall@10"],
+            [
+                [
+                    f"{r['n']:,} x {r['dim']}",
+                    f"`{r['factory']}`",
+                    f"{r['build_s']:.0f}",
+                    f"{r['bytes_per_vector']:.0f}",
+                    f"1/{1 / r['memory_vs_flat_fp32']:.1f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p90_ms']:.2f}",
+                    f"{r['recall@10']:.3f}",
+                ]
+                for r in big["results"]
+            ],
+        )
+
+
+def _table(columns: list[str], rows: list[list]) -> None:
+    """A Markdown table, then a blank line."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for cells in rows:
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print()
 
 
 def _load(path: Path) -> dict | None:
