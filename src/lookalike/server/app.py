@@ -319,6 +319,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             out = engine.remove_product(product_id)
         except UnknownProductError:
             raise HTTPException(404, f"unknown product {product_id!r}") from None
+        except ValueError as exc:  # InvalidProductIdError: the id rule
+            raise HTTPException(422, str(exc)) from None
         return {"product_id": out["product_id"], "removed": out["removed"], "images": out["images"]}
 
     # --- operations -----------------------------------------------------------------------------------------
