@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import files
 from .catalog import IMAGE_EXTENSIONS, stat_image
 from .ids import image_id_for, normalize_product_id
@@ -48,6 +50,79 @@ def undo(step: Callable[[], Any]) -> None:
         step()
     except Exception:
         logger.exception("could not undo a step of a failed catalog change")
+
+
+def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | None):
+    """Index every image of the catalog into ``store`` (the engine holds the writer lock); see build_index."""
+    from .cache import embed_with_cache
+    from .catalog import scan_catalog
+    from .engine import BuildReport
+    from .manifest import build_manifest, save_projection
+    from .tuning import adapt
+
+    start = time.perf_counter()
+    settings, extractor = engine.settings, engine.extractor
+    if tune is None:
+        tune = settings.tune
+        if not tune and ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned":
+            tune = True
+            logger.info("keeping catalog tuning: the previous index was tuned (build with tune=False to drop it)")
+    images = scan_catalog(settings.data_dir)
+    cache = engine._cache()
+    emb = embed_with_cache(extractor, images, cache, force=force, progress=progress, save=False)
+    good = emb.good
+    skipped = [{"path": str(images[i].path), "reason": reason} for i, reason in sorted(emb.errors.items())]
+    if skipped:
+        logger.warning(
+            "skipped %d bad image(s): %s", len(skipped), "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
+        )
+    rel = [images[i].path.relative_to(engine.data_root).as_posix() for i in good]
+    labels = [images[i].product_id for i in good]
+    adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=tune)
+    fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
+    before = cache.read_bytes()
+    try:
+        cache.save(emb.entries)
+        projection = save_projection(settings.index_path, adaptation.projection)
+        store.set_manifest(build_manifest(settings, extractor, adaptation, skipped, projection))
+        vectors = adaptation.transform(emb.vectors[good], extractor.dim)
+        store.replace_all([image_id_for(r) for r in rel], vectors, fields)
+    except BaseException as exc:
+        undo(lambda: cache.restore(before))
+        if isinstance(exc, OSError):
+            raise files.as_write_error(exc) from exc
+        raise
+    engine._install(store, adaptation)
+    report = BuildReport(
+        images=store.count(),
+        products=len(set(labels)),
+        extracted=emb.extracted,
+        reused=len(images) - emb.extracted - len(emb.errors),
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+        tuning=adaptation.tuning,
+    )
+    logger.info(
+        "indexed %d images of %d products (%d extracted, %d from cache, %d skipped) in %.1fs",
+        report.images, report.products, report.extracted, report.reused, len(skipped), report.seconds,
+    )  # fmt: skip
+    return report
+
+
+def in_memory(settings, extractor, raw: np.ndarray, paths: list[str], product_ids: list[str], *, tune: bool):
+    """(store, adaptation) over already extracted raw vectors, in memory only (evaluation): nothing is written.
+    ``paths`` are relative to ``settings.data_dir``."""
+    from .manifest import build_manifest
+    from .stores.faiss import FaissStore
+    from .tuning import adapt
+
+    adaptation = adapt(raw, np.array(product_ids, dtype=object), extractor.dim, tune=tune)
+    metric = settings.similarity_metric
+    store = FaissStore(None, metric=metric, index_type=settings.index_type, exact_below=settings.exact_below)
+    store.set_manifest(build_manifest(settings, extractor, adaptation, [], None))
+    fields = [{"product_id": p, "path": r, "format": ""} for p, r in zip(product_ids, paths)]
+    store.replace_all([image_id_for(r) for r in paths], adaptation.transform(raw, extractor.dim), fields)
+    return store, adaptation
 
 
 def check_add(product_id: str, paths: Sequence[str | Path]) -> list[Path]:

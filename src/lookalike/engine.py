@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from . import edits, files
+from . import edits, files, ranking
 from .cache import EmbeddingCache, embed_with_cache
-from .catalog import scan_catalog
-from .ids import image_id_for
 from .imaging import ImageError, ImageSource, describe
-from .manifest import IndexMismatchError, build_manifest, check_model, load_adaptation, save_projection
-from .ranking import score_products, similarity_from_distance, widening_search
+from .manifest import IndexMismatchError, check_model, index_statistics, load_adaptation
 from .settings import Settings
 from .store import DataManager
-from .stores import VectorStore, open_store
+from .stores import VectorStore, open_store, search_device
 from .stores.base import IndexFileError, StoreInfo
-from .tuning import Adaptation, adapt
+from .tuning import Adaptation
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +133,7 @@ class ImageSearchEngine:
 
     def _open(self, manifest_settings: bool) -> VectorStore:
         """Open the configured store; adopt the settings its manifest recorded (the index is the source of truth)."""
-        device = self._extractor.device if self._extractor is not None else _search_device(self.settings)
+        device = self._extractor.device if self._extractor is not None else search_device(self.settings)
         store = open_store(self.settings, metric=self.settings.similarity_metric, device=device)
         recorded = (store.manifest() or {}).get("settings")
         if manifest_settings and recorded:
@@ -185,53 +180,9 @@ class ImageSearchEngine:
         catalog's own product labels first (:mod:`lookalike.tuning`). Bad images are skipped and reported, never
         fatal. All or nothing: on failure the index and the cache are as before.
         """
-        start = time.perf_counter()
         with files.catalog_lock(self.settings.cache_dir):
             store = self._open(manifest_settings=True)
-            previous = store.manifest() or {}
-            if tune is None:
-                tune = self.settings.tune
-                if not tune and (previous.get("tuning") or {}).get("status") == "tuned":
-                    tune = True
-                    logger.info("keeping catalog tuning: the previous index was tuned (tune=False drops it)")
-            images = scan_catalog(self.settings.data_dir)
-            cache = self._cache()
-            emb = embed_with_cache(self.extractor, images, cache, force=force_rebuild, progress=progress, save=False)
-            good = emb.good
-            skipped = [{"path": str(images[i].path), "reason": reason} for i, reason in sorted(emb.errors.items())]
-            if skipped:
-                listing = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
-                logger.warning("skipped %d bad image(s): %s", len(skipped), listing)
-            rel = [images[i].path.relative_to(self.data_root).as_posix() for i in good]
-            labels = [images[i].product_id for i in good]
-            adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), self.extractor.dim, tune=tune)
-            fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
-            before = cache.read_bytes()
-            try:
-                cache.save(emb.entries)
-                projection = save_projection(self.settings.index_path, adaptation.projection)
-                store.set_manifest(build_manifest(self.settings, self.extractor, adaptation, skipped, projection))
-                store.replace_all(
-                    [image_id_for(r) for r in rel], adaptation.transform(emb.vectors[good], self.extractor.dim), fields
-                )
-            except BaseException:
-                edits.undo(lambda: cache.restore(before))
-                raise
-            self._install(store, adaptation)
-        report = BuildReport(
-            images=store.count(),
-            products=len(self._counts),
-            extracted=emb.extracted,
-            reused=len(images) - emb.extracted - len(emb.errors),
-            skipped=skipped,
-            seconds=time.perf_counter() - start,
-            tuning=adaptation.tuning,
-        )
-        logger.info(
-            "indexed %d images of %d products (%d extracted, %d from cache, %d skipped) in %.1fs",
-            report.images, report.products, report.extracted, report.reused, len(skipped), report.seconds,
-        )  # fmt: skip
-        return report
+            return edits.rebuild(self, store, force=force_rebuild, tune=tune, progress=progress)
 
     def load_index(self) -> None:
         """Open the saved index (production mode): no catalog scan, no image decoding.
@@ -254,22 +205,22 @@ class ImageSearchEngine:
     def from_vectors(cls, settings: Settings, extractor, raw: np.ndarray, paths, product_ids, *, tune: bool):
         """An engine over already extracted raw vectors, in memory only (evaluation): nothing is written.
         ``paths`` are relative to ``settings.data_dir``."""
-        from .stores.faiss import FaissStore
-
         engine = cls(settings, extractor=extractor)
-        adaptation = adapt(raw, np.array(product_ids, dtype=object), extractor.dim, tune=tune)
-        store = FaissStore(
-            None, metric=settings.similarity_metric, index_type=settings.index_type, exact_below=settings.exact_below
-        )
-        store.set_manifest(build_manifest(settings, extractor, adaptation, [], None))
-        fields = [{"product_id": p, "path": r, "format": ""} for p, r in zip(product_ids, paths)]
-        store.replace_all([image_id_for(r) for r in paths], adaptation.transform(raw, extractor.dim), fields)
+        store, adaptation = edits.in_memory(settings, extractor, raw, paths, product_ids, tune=tune)
         engine._install(store, adaptation)
         return engine
 
     # --- searching --------------------------------------------------------------------------------------
 
-    def search(self, query: ImageSource, top_k: int = 5, **options) -> list[dict[str, Any]]:
+    def search(
+        self,
+        query: ImageSource,
+        top_k: int = 5,
+        *,
+        by_product: bool = True,
+        min_similarity: float | None = None,
+        only_matches: bool = False,
+    ) -> list[dict[str, Any]]:
         """The products (or, with ``by_product=False``, the images) that look most like ``query``, best first.
 
         ``query`` is a path, image bytes or a PIL image. Each result has ``rank``, ``product_id``, ``similarity``
@@ -277,8 +228,9 @@ class ImageSearchEngine:
         best three image similarities (fewer if it has fewer), and its image is the best-matching one
         (``image_similarity``). With the l2 metric results also carry ``distance``. When the index is
         calibrated, each product result says whether it is a ``match``; ``only_matches=True`` keeps only those,
-        so an empty list means "not in my catalog". Options: ``by_product``, ``min_similarity``, ``only_matches``.
+        so an empty list means "not in my catalog".
         """
+        options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
         return self.search_batch([query], top_k, **options)[0]
 
     def search_batch(
@@ -349,58 +301,24 @@ class ImageSearchEngine:
             hit["rank"] = rank
         return hits
 
+    def _rank(self, vectors: np.ndarray, top_k: int, by_product: bool, min_similarity) -> list[list[dict[str, Any]]]:
+        return ranking.rank(
+            self.store,
+            vectors,
+            top_k,
+            by_product=by_product,
+            min_similarity=min_similarity,
+            images_per_product=self._counts,
+            threshold=self._adaptation.threshold,
+            root=self.data_root,
+        )
+
     def image_file(self, image_id: str) -> Path:
         """The catalog file of an indexed image, looked up by its public id only (never by a path from outside)."""
         found = self.store.fetch([image_id]).get(image_id)
         if found is None:
             raise LookupError(f"unknown image id {image_id!r}")
         return self.data_root / found["path"]
-
-    def _rank(self, vectors: np.ndarray, top_k: int, by_product: bool, min_similarity) -> list[list[dict[str, Any]]]:
-        """Results for query vectors already in index space."""
-        store, counts = self.store, self._counts
-        total = store.count()
-        if total == 0:
-            return [[] for _ in range(len(vectors))]
-        if not by_product:
-            return [self._image_hits(hits, min_similarity) for hits in store.search(vectors, top_k)]
-        l2 = store.describe().metric == "l2"
-        threshold = self._adaptation.threshold
-
-        def settle(hits, complete: bool):
-            values = [h.distance if l2 else h.score for h in hits]
-            chosen, settled = score_products(
-                values, [h.product_id for h in hits], counts, top_k, lower_is_better=l2, complete=complete
-            )
-            out = []
-            for product in chosen:
-                similarity = float(similarity_from_distance(product.value)) if l2 else product.value
-                if min_similarity is not None and similarity < min_similarity:
-                    return out, True  # the rest score lower; deeper rows only score lower still
-                best = hits[product.first]
-                hit = {"rank": len(out) + 1, **self._hit(best, similarity), "image_similarity": best.score}
-                if l2:
-                    hit["distance"] = product.value
-                if threshold is not None:
-                    hit["match"] = similarity >= threshold
-                out.append(hit)
-            return out, settled
-
-        return widening_search(lambda pos, k: store.search(vectors[pos], k), len(vectors), total, top_k, settle)
-
-    def _hit(self, hit, similarity: float) -> dict[str, Any]:
-        path = str(self.data_root / hit.path)
-        return {"product_id": hit.product_id, "similarity": similarity, "image_id": hit.image_id, "image_path": path}
-
-    def _image_hits(self, hits, min_similarity) -> list[dict[str, Any]]:
-        out = []
-        for h in hits:
-            if min_similarity is not None and h.score < min_similarity:
-                break  # hits come best first
-            out.append({"rank": len(out) + 1, **self._hit(h, h.score)})
-            if h.distance is not None:
-                out[-1]["distance"] = h.distance
-        return out
 
     # --- live catalog changes ---------------------------------------------------------------------------
 
@@ -433,45 +351,7 @@ class ImageSearchEngine:
         """Catalog and index facts: counts, images per product, formats, skipped files, model, index size."""
         store = self.store
         self._refresh()
-        manifest, info, adaptation = store.manifest() or {}, store.describe(), self._adaptation
-        counts = sorted(self._counts.values())
-        skipped = manifest.get("skipped", [])
-        formats = Counter(f.get("format", "") for f in store.fetch(store.ids()).values())
-        return {
-            "products": len(counts),
-            "images": info.count,
-            "images_per_product": {
-                "min": counts[0] if counts else 0,
-                "median": float(statistics.median(counts)) if counts else 0.0,
-                "max": counts[-1] if counts else 0,
-            },
-            "formats": dict(sorted(formats.items())),
-            "skipped": len(skipped),
-            "skipped_files": skipped,
-            "model": manifest["model"]["model_name"],
-            "weights": manifest["model"]["weights"],
-            "embedding_dim": info.dim,
-            "similarity_metric": info.metric,
-            "index_type": info.index_type,
-            "store": info.backend,
-            "tuning": adaptation.tuning.get("status", "off"),
-            "no_match_threshold": adaptation.threshold,
-            "index_size_bytes": info.nbytes,
-            "last_build": manifest.get("created_at"),
-            "build_id": manifest.get("build_id"),
-            "data_dir": str(self.data_root),
-        }
-
-
-def _search_device(settings: Settings) -> str:
-    """Where exact searches run: a CUDA device when the settings ask for one (then a torch matmul), else the CPU."""
-    if settings.device.startswith("cuda"):
-        return settings.device
-    if settings.device == "auto":
-        from .embedding import resolve_device
-
-        return resolve_device("auto")
-    return "cpu"
+        return index_statistics(store, self._adaptation, self._counts, self.data_root)
 
 
 def _check_top_k(top_k: int) -> None:

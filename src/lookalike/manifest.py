@@ -10,6 +10,8 @@ its checksum under ``files.projection``.
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -85,4 +87,43 @@ def load_adaptation(manifest: dict[str, Any], index_path: Path, where: Path | st
     return Adaptation(projection, manifest.get("tuning") or {"status": "off"}, manifest.get("calibration"))
 
 
-__all__ = ["IndexMismatchError", "build_manifest", "check_model", "load_adaptation", "save_projection"]
+def index_statistics(store: Any, adaptation: Adaptation, counts: dict[str, int], data_root: Path) -> dict[str, Any]:
+    """``get_statistics()``: catalog and index facts from the store and its manifest."""
+    manifest, info = store.manifest() or {}, store.describe()
+    sizes = sorted(counts.values())
+    skipped = manifest.get("skipped", [])
+    formats = Counter(f.get("format", "") for f in store.fetch(store.ids()).values())
+    return {
+        "products": len(sizes),
+        "images": info.count,
+        "images_per_product": {
+            "min": sizes[0] if sizes else 0,
+            "median": float(statistics.median(sizes)) if sizes else 0.0,
+            "max": sizes[-1] if sizes else 0,
+        },
+        "formats": dict(sorted(formats.items())),
+        "skipped": len(skipped),
+        "skipped_files": skipped,
+        "model": manifest["model"]["model_name"],
+        "weights": manifest["model"]["weights"],
+        "embedding_dim": info.dim,
+        "similarity_metric": info.metric,
+        "index_type": info.index_type,
+        "store": info.backend,
+        "tuning": adaptation.tuning.get("status", "off"),
+        "no_match_threshold": adaptation.threshold,
+        "index_size_bytes": info.nbytes,
+        "last_build": manifest.get("created_at"),
+        "build_id": manifest.get("build_id"),
+        "data_dir": str(data_root),
+    }
+
+
+__all__ = [
+    "IndexMismatchError",
+    "build_manifest",
+    "check_model",
+    "index_statistics",
+    "load_adaptation",
+    "save_projection",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -107,6 +108,73 @@ def widening_search(
     return out
 
 
+def rank(
+    store: Any,
+    vectors: np.ndarray,
+    top_k: int,
+    *,
+    by_product: bool,
+    min_similarity: float | None,
+    images_per_product: Mapping[str, int],
+    threshold: float | None,
+    root: Path,
+) -> list[list[dict[str, Any]]]:
+    """The engine's results for query vectors already in index space, from any VectorStore: images, or products
+    scored as above (over-fetching until settled). Each result is a dict with ``rank``, ``product_id``,
+    ``similarity``, ``image_id``, ``image_path`` (under ``root``); products add ``image_similarity`` and, when
+    ``threshold`` is known, ``match``; l2 adds ``distance``."""
+    total = store.count()
+    if total == 0:
+        return [[] for _ in range(len(vectors))]
+
+    def hit(h: Any, similarity: float) -> dict[str, Any]:
+        return {
+            "product_id": h.product_id,
+            "similarity": similarity,
+            "image_id": h.image_id,
+            "image_path": str(root / h.path),
+        }
+
+    if not by_product:
+        out = []
+        for hits in store.search(vectors, top_k):
+            kept = hits if min_similarity is None else list(_while_above(hits, min_similarity))
+            results = [{"rank": r, **hit(h, h.score)} for r, h in enumerate(kept, start=1)]
+            for res, h in zip(results, kept):
+                if h.distance is not None:
+                    res["distance"] = h.distance
+            out.append(results)
+        return out
+
+    def settle(hits: list, complete: bool) -> tuple[list[dict[str, Any]], bool]:
+        l2 = bool(hits) and hits[0].distance is not None
+        values = [h.distance if l2 else h.score for h in hits]
+        pids = [h.product_id for h in hits]
+        chosen, settled = score_products(values, pids, images_per_product, top_k, lower_is_better=l2, complete=complete)
+        out = []
+        for product in chosen:
+            similarity = float(similarity_from_distance(product.value)) if l2 else product.value
+            if min_similarity is not None and similarity < min_similarity:
+                return out, True  # the rest score lower, and deeper images lower still
+            best = hits[product.first]
+            res = {"rank": len(out) + 1, **hit(best, similarity), "image_similarity": best.score}
+            if l2:
+                res["distance"] = product.value
+            if threshold is not None:
+                res["match"] = similarity >= threshold
+            out.append(res)
+        return out, settled
+
+    return widening_search(lambda pos, k: store.search(vectors[pos], k), len(vectors), total, top_k, settle)
+
+
+def _while_above(hits: list, floor: float):
+    for h in hits:  # hits come best first
+        if h.score < floor:
+            return
+        yield h
+
+
 def product_scores(sims: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive product scores: (products, scores (n_queries, n_products)), each product's mean of its best
     PRODUCT_TOP similarities in the dense query x catalog similarity matrix ``sims``."""
@@ -139,6 +207,7 @@ __all__ = [
     "average_precision_at_r",
     "l2_normalize",
     "product_scores",
+    "rank",
     "score_products",
     "similarity_from_distance",
     "widening_search",

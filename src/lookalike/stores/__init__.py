@@ -23,6 +23,17 @@ def milvus_uri(settings: Any) -> str:
     return uri if uri else str(Path(settings.cache_dir).expanduser().resolve() / "milvus.db")
 
 
+def search_device(settings: Any) -> str:
+    """Where exact searches run: a CUDA device when the settings ask for one (a torch matmul), else the CPU."""
+    if settings.device.startswith("cuda"):
+        return settings.device
+    if settings.device == "auto":
+        from ..embedding import resolve_device
+
+        return resolve_device("auto")
+    return "cpu"
+
+
 def open_store(settings: Any, *, metric: str, dim: int | None = None, device: str = "cpu") -> VectorStore:
     """The store the settings name (``store: faiss`` by default, or ``milvus``), opened at its location."""
     kind = getattr(settings, "store", "faiss")
@@ -63,4 +74,5 @@ __all__ = [
     "VectorStore",
     "milvus_uri",
     "open_store",
+    "search_device",
 ]
