@@ -22,7 +22,8 @@ pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install '
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install 'lookalike[scale]')")
 
 from lookalike.stores.base import StoreError  # noqa: E402
-from lookalike.stores.milvus import MilvusStore, milvus_index, native_grouping, public_uri, quote  # noqa: E402
+from lookalike.stores.milvus import MilvusStore  # noqa: E402
+from lookalike.stores.milvus_support import milvus_index, native_grouping, public_uri, quote  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_VENV = Path(os.environ.get("LOOKALIKE_MILVUS_SERVER_VENV", ROOT / ".venv-milvus"))

@@ -28,96 +28,30 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from .base import REQUIRED_FIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
+from .base import REQUIREDFIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
+from .milvus_support import (
+    BATCH,
+    CHUNK,
+    FIELDS,
+    HNSW_BUILD,
+    MAX_ID,
+    MAX_PATH,
+    MAX_PRODUCT,
+    MAX_TOPK,
+    in_list,
+    index_params,
+    is_lite,
+    milvus_index,
+    native_grouping,
+    public_uri,
+    quote,
+    search_params,
+)
 
 log = logging.getLogger(__name__)
-
-MAX_ID = 512  # image ids are 16 hex characters; room for callers with their own ids
-MAX_PRODUCT = 1024  # bytes: lookalike.ids allows 180 bytes of UTF-8; other callers get more room
-MAX_PATH = 4096
-MAX_TOPK = 16384  # Milvus' limit on ``limit`` (and offset + limit) per search / query
-CHUNK = 60_000  # characters of manifest JSON per row (VARCHAR holds at most 65,535 bytes)
-BATCH = 2000  # rows per upsert request (2,000 x 1280-d fp32 = 10 MB, well under gRPC's 64 MB)
-MILVUS_INDEXES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "AUTOINDEX")
-HNSW_BUILD = {"M": 32, "efConstruction": 200}
-HNSW_SEARCH = {"ef": 128}
-_FIELDS = ("product_id", "path", "format", "extra")
-
-
-def quote(value: str) -> str:
-    """``value`` as a string literal of Milvus' expression language (quotes and backslashes escaped)."""
-    if not isinstance(value, str):
-        raise TypeError(f"a Milvus string literal needs a str, got {type(value).__name__}")
-    bad = next((ch for ch in value if ord(ch) < 32 or ord(ch) == 127), None)
-    if bad is not None:
-        raise ValueError(f"{value!r} holds the control character U+{ord(bad):04X}, which Milvus filters cannot carry")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def in_list(field: str, values: Sequence[str]) -> str:
-    return f"{field} in [{', '.join(quote(v) for v in values)}]"
-
-
-def public_uri(uri: str) -> str:
-    """The uri without user:password, for messages and :class:`StoreInfo`."""
-    parts = urlsplit(uri)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return uri
-
-
-def is_lite(uri: str) -> bool:
-    return "://" not in uri
-
-
-def milvus_index(index_type: str, count: int, exact_below: int) -> str:
-    """Milvus' index type for lookalike's ``index_type`` setting: ``auto`` is FLAT (exact) under ``exact_below``
-    images and HNSW above; Milvus names pass through; a FAISS factory string maps to its family."""
-    name = (index_type or "auto").strip()
-    if name.lower() == "auto":
-        return "FLAT" if count < exact_below else "HNSW"
-    if name.upper() in MILVUS_INDEXES:
-        return name.upper()
-    if name.lower() == "flat":
-        return "FLAT"
-    if "HNSW" in name.upper():
-        return "HNSW"
-    if name.upper().startswith("IVF") or ",IVF" in name.upper():
-        return "IVF_SQ8" if "SQ8" in name.upper() else "IVF_FLAT"
-    raise ValueError(
-        f"index_type={index_type!r} has no Milvus equivalent; use auto or one of {', '.join(MILVUS_INDEXES)}"
-    )
-
-
-def _index_params(kind: str, count: int) -> dict[str, Any]:
-    if kind in ("HNSW", "HNSW_SQ"):
-        return dict(HNSW_BUILD)
-    if kind.startswith("IVF"):
-        nlist = int(min(65536, max(16, 4 * np.sqrt(max(count, 1)))))
-        return {"nlist": nlist, **({"m": 16, "nbits": 8} if kind == "IVF_PQ" else {})}
-    return {}
-
-
-def _search_params(kind: str, metric: str, limit: int, index_params: Mapping[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if kind in ("HNSW", "HNSW_SQ"):
-        params["ef"] = max(HNSW_SEARCH["ef"], limit)
-    elif kind.startswith("IVF"):
-        params["nprobe"] = max(16, int(index_params.get("nlist", 64)) // 8)
-    return {"metric_type": metric, "params": params}
-
-
-def native_grouping(version: str) -> bool:
-    """Whether the server groups search hits itself: Milvus Lite and servers from 2.5 do; 2.3/2.4 do not
-    (2.3 silently ignores ``group_by_field``, so a probe cannot tell)."""
-    if "lite" in version and not version.startswith("v2."):
-        return True
-    found = re.search(r"(\d+)\.(\d+)", version)
-    return bool(found) and (int(found.group(1)), int(found.group(2))) >= (2, 5)
 
 
 class MilvusStore:
@@ -212,9 +146,9 @@ class MilvusStore:
         schema.add_field("format", DataType.VARCHAR, max_length=64)
         schema.add_field("extra", DataType.JSON)
         params = self._client.prepare_index_params()
-        params.add_index("vector", index_type=kind, metric_type=self._milvus_metric, params=_index_params(kind, count))
+        params.add_index("vector", index_type=kind, metric_type=self._milvus_metric, params=index_params(kind, count))
         self._client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
-        self._kind, self._index_params = kind, _index_params(kind, count)
+        self._kind, self._index_params = kind, index_params(kind, count)
         log.info(
             "created Milvus collection %r at %s (dim %d, %s, %s)", name, self.location, self.dim, kind, self.metric
         )
@@ -228,7 +162,7 @@ class MilvusStore:
         desc = self._client.describe_collection(self.collection)
         vector = next((f for f in desc["fields"] if f["name"] == "vector"), None)
         names = {f["name"] for f in desc["fields"]}
-        if vector is None or not {"id", *REQUIRED_FIELDS, "extra"} <= names:
+        if vector is None or not {"id", *REQUIREDFIELDS, "extra"} <= names:
             raise StoreError(
                 f"Milvus collection {self.collection!r} at {self.location} was not made by lookalike (fields "
                 f"{sorted(names)}); choose another collection name"
@@ -322,12 +256,12 @@ class MilvusStore:
             raise ValueError("the same image id appears twice in one upsert")
         rows = []
         for image_id, vector, row in zip(ids, self._prepare(vectors), fields, strict=True):
-            missing = [f for f in REQUIRED_FIELDS if f not in row]
+            missing = [f for f in REQUIREDFIELDS if f not in row]
             if missing:
                 raise ValueError(f"image {image_id!r} lacks the field(s) {', '.join(missing)}")
-            extra = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
+            extra = {k: v for k, v in row.items() if k not in REQUIREDFIELDS}
             rows.append({"id": str(image_id), "vector": vector.tolist(), "extra": extra,
-                         **{f: str(row[f]) for f in REQUIRED_FIELDS}})  # fmt: skip
+                         **{f: str(row[f]) for f in REQUIREDFIELDS}})  # fmt: skip
         return rows
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
@@ -400,8 +334,8 @@ class MilvusStore:
             data=vectors.tolist(),
             limit=limit,
             filter=where or "",
-            output_fields=list(_FIELDS),
-            search_params=_search_params(self._kind, self._milvus_metric, limit, self._index_params),
+            output_fields=list(FIELDS),
+            search_params=search_params(self._kind, self._milvus_metric, limit, self._index_params),
             **group,
         )
 
@@ -465,11 +399,11 @@ class MilvusStore:
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         wanted = list(dict.fromkeys(str(i) for i in ids))
-        fields = [*_FIELDS, "vector"] if with_vectors else list(_FIELDS)
+        fields = [*FIELDS, "vector"] if with_vectors else list(FIELDS)
         for start in range(0, len(wanted), BATCH):
             part = wanted[start : start + BATCH]
             for row in self._client.query(self.collection, filter=in_list("id", part), output_fields=fields):
-                item = {f: row[f] for f in REQUIRED_FIELDS}
+                item = {f: row[f] for f in REQUIREDFIELDS}
                 item.update(row.get("extra") or {})
                 if with_vectors:
                     item["vector"] = np.asarray(row["vector"], dtype=np.float32)
