@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import REQUIREDFIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
+from .base import REQUIRED_FIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
 from .milvus_support import (
     BATCH,
     CHUNK,
@@ -162,7 +162,7 @@ class MilvusStore:
         desc = self._client.describe_collection(self.collection)
         vector = next((f for f in desc["fields"] if f["name"] == "vector"), None)
         names = {f["name"] for f in desc["fields"]}
-        if vector is None or not {"id", *REQUIREDFIELDS, "extra"} <= names:
+        if vector is None or not {"id", *REQUIRED_FIELDS, "extra"} <= names:
             raise StoreError(
                 f"Milvus collection {self.collection!r} at {self.location} was not made by lookalike (fields "
                 f"{sorted(names)}); choose another collection name"
@@ -256,12 +256,12 @@ class MilvusStore:
             raise ValueError("the same image id appears twice in one upsert")
         rows = []
         for image_id, vector, row in zip(ids, self._prepare(vectors), fields, strict=True):
-            missing = [f for f in REQUIREDFIELDS if f not in row]
+            missing = [f for f in REQUIRED_FIELDS if f not in row]
             if missing:
                 raise ValueError(f"image {image_id!r} lacks the field(s) {', '.join(missing)}")
-            extra = {k: v for k, v in row.items() if k not in REQUIREDFIELDS}
+            extra = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
             rows.append({"id": str(image_id), "vector": vector.tolist(), "extra": extra,
-                         **{f: str(row[f]) for f in REQUIREDFIELDS}})  # fmt: skip
+                         **{f: str(row[f]) for f in REQUIRED_FIELDS}})  # fmt: skip
         return rows
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
@@ -403,7 +403,7 @@ class MilvusStore:
         for start in range(0, len(wanted), BATCH):
             part = wanted[start : start + BATCH]
             for row in self._client.query(self.collection, filter=in_list("id", part), output_fields=fields):
-                item = {f: row[f] for f in REQUIREDFIELDS}
+                item = {f: row[f] for f in REQUIRED_FIELDS}
                 item.update(row.get("extra") or {})
                 if with_vectors:
                     item["vector"] = np.asarray(row["vector"], dtype=np.float32)
