@@ -12,7 +12,10 @@ squared distance: ``distance`` holds the Euclidean one, ``score`` the similarity
 The manifest and a write generation live in a companion collection ``<collection>__manifest`` (JSON chunks), so
 any client of the same server finds the model identity with the vectors and :meth:`MilvusStore.refresh` can tell
 that another process wrote. Every collection is ``Strong``-consistent: once a write returns, a search from any
-client sees it.
+client sees it. On a Milvus server that costs latency: a Strong search waits for the server's next time tick
+(about 200 ms measured on Milvus 2.3.5, docs/scaling.md); ``consistency="Bounded"`` searches answer in about 1 ms
+but may miss another client's writes of the last seconds (``common.gracefulTime``). Fetch, count, ids, the
+manifest and the generation are always read Strong.
 
 Grouped search: servers from 2.5 (and Milvus Lite) group natively (``group_by_field``, ``group_size``); older
 servers silently ignore the grouping arguments, so support is decided once from the server version, and the
@@ -71,9 +74,14 @@ class MilvusStore:
         exact_below: int = 10_000,
         grouping: str = "auto",
         timeout: float = 30.0,
+        consistency: str = "Strong",
     ):
         if metric not in ("cosine", "l2"):
             raise ValueError(f"metric={metric!r} is not allowed: expected cosine or l2")
+        if consistency not in ("Strong", "Session", "Bounded", "Eventually"):
+            raise ValueError(
+                f"consistency={consistency!r} is not allowed: expected Strong, Session, Bounded, Eventually"
+            )
         if grouping not in ("auto", "native", "client"):
             raise ValueError(f"grouping={grouping!r} is not allowed: expected auto, native or client")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", collection or ""):
@@ -83,6 +91,7 @@ class MilvusStore:
         self.uri, self.location, self.collection = str(uri), public_uri(str(uri)), collection
         self.manifest_collection = f"{collection}__manifest"
         self.metric, self.index_type, self.exact_below, self.timeout = metric, index_type, exact_below, timeout
+        self.consistency = consistency  # of searches; every other read and the writes are Strong
         self._client = self._connect(token)
         try:
             self.server_version = str(self._client.get_server_version())
@@ -331,6 +340,7 @@ class MilvusStore:
     def _raw_search(self, vectors: np.ndarray, limit: int, where: str | None, **group: Any) -> list[list[dict]]:
         return self._client.search(
             self.collection,
+            consistency_level=self.consistency,
             data=vectors.tolist(),
             limit=limit,
             filter=where or "",
