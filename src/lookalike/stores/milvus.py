@@ -24,11 +24,12 @@ fallback over-fetches images and groups them here, widening until ``k`` products
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,26 +259,30 @@ class MilvusStore:
             vectors = vectors / np.maximum(norms, 1e-12)
         return vectors
 
-    def _rows(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> list[dict]:
+    def _batches(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> Iterator[list]:
+        """Rows of ``BATCH`` images at a time, made lazily (a row holds its vector as a Python list, 30 bytes a
+        value); the whole input is checked first, so a bad row fails the call before anything is written."""
         if not (len(ids) == len(vectors) == len(fields)):
             raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows do not match")
         if len(set(ids)) != len(ids):
             raise ValueError("the same image id appears twice in one upsert")
-        rows = []
-        for image_id, vector, row in zip(ids, self._prepare(vectors), fields, strict=True):
+        for image_id, row in zip(ids, fields, strict=True):
             missing = [f for f in REQUIRED_FIELDS if f not in row]
             if missing:
                 raise ValueError(f"image {image_id!r} lacks the field(s) {', '.join(missing)}")
-            extra = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
-            rows.append({"id": str(image_id), "vector": vector.tolist(), "extra": extra,
-                         **{f: str(row[f]) for f in REQUIRED_FIELDS}})  # fmt: skip
-        return rows
+        vectors = self._prepare(vectors)
+        for start in range(0, len(ids), BATCH):
+            yield [
+                {"id": str(image_id), "vector": vector.tolist(), **{f: str(row[f]) for f in REQUIRED_FIELDS},
+                 "extra": {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}}
+                for image_id, vector, row in zip(ids[start : start + BATCH], vectors[start : start + BATCH],
+                                                 fields[start : start + BATCH], strict=True)
+            ]  # fmt: skip
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
-        rows = self._rows(ids, vectors, fields)
-        for start in range(0, len(rows), BATCH):
-            self._client.upsert(self.collection, rows[start : start + BATCH])
-        if rows:
+        for rows in self._batches(ids, vectors, fields):
+            self._client.upsert(self.collection, rows)
+        if len(ids):
             self._maybe_reindex()
             self._bump()
 
@@ -299,13 +304,15 @@ class MilvusStore:
     def replace_all(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
         """Build into ``<collection>__staging`` and rename it over the old one: searches see the old images until
         the new ones are complete (the swap itself is a drop + rename, a moment without the collection)."""
-        rows = self._rows(ids, vectors, fields)
+        batches = self._batches(ids, vectors, fields)
+        first = next(batches, [])  # checks the whole input before the staging collection is made
         staging = f"{self.collection}__staging"
         if self._client.has_collection(staging):
             self._client.drop_collection(staging)
-        self._create(staging, milvus_index(self.index_type, len(rows), self.exact_below), len(rows))
-        for start in range(0, len(rows), BATCH):
-            self._client.insert(staging, rows[start : start + BATCH])
+        self._create(staging, milvus_index(self.index_type, len(ids), self.exact_below), len(ids))
+        for rows in itertools.chain([first], batches):
+            if rows:
+                self._client.insert(staging, rows)
         self._client.drop_collection(self.collection)
         self._client.rename_collection(staging, self.collection)
         self._client.load_collection(self.collection)
