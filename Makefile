@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 GROCERY ?= ../shared/data/grocery
 
-.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m clean
+.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m clean \
+	milvus-server-venv milvus-server test-milvus-server bench-store bench-ray
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -58,5 +59,30 @@ bench: setup
 bench-1m: setup
 	cd benchmarks && ../$(PY) bench_1m.py
 
+## a real Milvus server: PyPI `milvus` 2.3.5 (embedded standalone) in its own venv, since it needs pymilvus 2.4 and
+## setuptools<70; our own pymilvus talks to it. `make milvus-server` runs it on 127.0.0.1:19530 (Ctrl+C stops it).
+MILVUS_VENV ?= .venv-milvus
+$(MILVUS_VENV)/.installed:
+	python3 -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5" "pymilvus>=2.4,<2.5" "setuptools<70"
+	touch $@
+
+milvus-server-venv: $(MILVUS_VENV)/.installed
+
+milvus-server: milvus-server-venv
+	$(MILVUS_VENV)/bin/milvus-server --data cache/milvus-server
+
+## the store contract against that server (the test starts and stops it; skipped with a reason when it cannot)
+test-milvus-server: setup milvus-server-venv
+	$(VENV)/bin/pytest -m milvus_server tests/test_store_milvus.py
+
+## Milvus Lite and the Milvus server against FAISS at 10k and 100k vectors (start `make milvus-server` first)
+bench-store: setup
+	cd benchmarks && ../$(PY) store_bench.py
+
+## executor: ray against local extraction on the Grocery catalog
+bench-ray: setup
+	cd benchmarks && ../$(PY) ray_bench.py
+
 clean:
-	rm -rf $(VENV) cache results .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MILVUS_VENV) cache results .pytest_cache .ruff_cache

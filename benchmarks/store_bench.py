@@ -1,0 +1,182 @@
+"""Search latency and insert rate of Milvus Lite and a Milvus server against FAISS, same vectors, same run.
+
+    python benchmarks/store_bench.py [--sizes 10000 100000] [--server-uri http://127.0.0.1:19530]
+
+Seeded clustered vectors of EfficientNet-Lite0's dimension (1280; ``common.clustered_vectors``), 200 queries of new
+photos of catalog products, k=10. Every backend gets an exact index (FAISS ``IndexFlatIP``, Milvus ``FLAT``) and
+an HNSW one with the same build parameters (M=32, efConstruction=200; FAISS efSearch = Milvus ef = 128).
+
+FAISS is driven directly (``lookalike.stores.faiss`` was not on main when this was written): it is the floor —
+an in-process index with no row dictionaries, no ids and no RPC. Milvus goes through ``lookalike.stores.milvus``
+(what the engine uses): insert = ``MilvusStore.upsert`` of ids, vectors and fields in batches of 2,000, until the
+call returns (Strong consistency: searchable); "indexed" adds the wait until the server reports every row in
+the vector index. Search = one ``MilvusStore.search`` call per query (k=10), p50 over the 200 queries.
+
+The server is the PyPI ``milvus`` 2.3.5 embedded standalone (``make milvus-server``) at ``--server-uri``; the
+server row is left out, with a note, when nothing answers there. JSON in results/bench/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import numpy as np
+
+from common import (
+    clustered_queries,
+    clustered_vectors,
+    exact_topk,
+    latencies_ms,
+    print_table,
+    recall_at_k,
+    write_results,
+)
+
+DIM = 1280
+K = 10
+HNSW_M, HNSW_EFC, HNSW_EF = 32, 200, 128
+
+
+def faiss_rows(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[dict]:
+    import faiss
+
+    rows = []
+    for name, make in [
+        ("FLAT", lambda: faiss.IndexFlatIP(DIM)),
+        ("HNSW", lambda: faiss.IndexHNSWFlat(DIM, HNSW_M, faiss.METRIC_INNER_PRODUCT)),
+    ]:
+        index = make()
+        if name == "HNSW":
+            index.hnsw.efConstruction = HNSW_EFC
+            index.hnsw.efSearch = HNSW_EF
+        start = time.perf_counter()
+        index.add(vectors)
+        insert_s = time.perf_counter() - start
+        lat = latencies_ms(lambda q, ix=index: ix.search(q[None], K), list(queries))
+        found = index.search(queries, K)[1]
+        rows.append(_row("faiss", name, len(vectors), insert_s, insert_s, lat, recall_at_k(found, truth, K)))
+        del index
+    return rows
+
+
+def milvus_rows(backend: str, uri: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[dict]:
+    from lookalike.stores.milvus import MilvusStore
+
+    rows = []
+    n = len(vectors)
+    ids = [f"{i:08d}" for i in range(n)]
+    fields = [{"product_id": f"p{i // 20}", "path": f"p{i // 20}/{i}.jpg", "format": "JPEG"} for i in range(n)]
+    for kind in ("FLAT", "HNSW"):
+        name = f"bench_{kind.lower()}_{n}"
+        store = MilvusStore(uri, name, dim=DIM, index_type=kind)
+        if store.count():
+            store._client.drop_collection(name)
+            store = MilvusStore(uri, name, dim=DIM, index_type=kind)
+        start = time.perf_counter()
+        store.upsert(ids, vectors, fields)
+        insert_s = time.perf_counter() - start
+        indexed_s = insert_s + _wait_indexed(store, n)
+        lat = latencies_ms(lambda q, s=store: s.search(q[None], K), list(queries))
+        bounded = MilvusStore(uri, name, consistency="Bounded")
+        lat["bounded_p50_ms"] = latencies_ms(lambda q, s=bounded: s.search(q[None], K), list(queries))["p50_ms"]
+        bounded.close()
+        results = store.search(queries, K)
+        found = np.array([[int(h.image_id) for h in hits] + [-1] * (K - len(hits)) for hits in results])
+        rows.append(_row(backend, kind, n, insert_s, indexed_s, lat, recall_at_k(found, truth, K)))
+        store._client.drop_collection(name)
+        store._client.drop_collection(name + "__manifest")
+        store.close()
+    return rows
+
+
+def _wait_indexed(store, n: int, timeout: float = 1800) -> float:
+    """Seconds until the server reports all ``n`` rows in the vector index (flushing first on a server)."""
+    start = time.perf_counter()
+    client = store._client
+    with contextlib.suppress(Exception):  # Milvus Lite has nothing to flush
+        client.flush(store.collection)
+    while time.perf_counter() - start < timeout:
+        info = client.describe_index(store.collection, "vector")
+        if int(info.get("indexed_rows", n)) >= n and int(info.get("pending_index_rows", 0)) == 0:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
+def _row(backend: str, index: str, n: int, insert_s: float, indexed_s: float, lat: dict, recall: float) -> dict:
+    return {
+        "backend": backend,
+        "index": index,
+        "vectors": n,
+        "insert_s": insert_s,
+        "insert_per_s": n / insert_s,
+        "indexed_s": indexed_s,
+        "p50_ms": lat["p50_ms"],
+        "p90_ms": lat["p90_ms"],
+        "bounded_p50_ms": lat.get("bounded_p50_ms"),
+        "recall@10": recall,
+    }
+
+
+def _reachable(uri: str) -> bool:
+    from pymilvus import MilvusClient
+
+    try:
+        MilvusClient(uri=uri, timeout=3).get_server_version()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--server-uri", default="http://127.0.0.1:19530")
+    parser.add_argument("--lite-db", default="../results/bench/store_bench.db")
+    parser.add_argument("--backends", nargs="+", default=["faiss", "milvus-lite", "milvus-server"])
+    args = parser.parse_args()
+
+    notes = []
+    server = "milvus-server" in args.backends and _reachable(args.server_uri)
+    if "milvus-server" in args.backends and not server:
+        notes.append(f"no Milvus server answered at {args.server_uri}: server rows left out (make milvus-server)")
+    rows: list[dict] = []
+    for n in args.sizes:
+        vectors = np.concatenate(list(clustered_vectors(n, DIM, seed=0)))
+        queries = clustered_queries(200, DIM, seed=0)
+        truth = exact_topk([vectors], queries, K)
+        if "faiss" in args.backends:
+            rows += faiss_rows(vectors, queries, truth)
+        if "milvus-lite" in args.backends:
+            rows += milvus_rows("milvus-lite", args.lite_db, vectors, queries, truth)
+        if server:
+            rows += milvus_rows("milvus-server", args.server_uri, vectors, queries, truth)
+        floor = {r["index"]: r for r in rows if r["backend"] == "faiss" and r["vectors"] == n}
+        for r in rows:
+            if r["vectors"] == n and r["index"] in floor:
+                r["p50_x_faiss"] = r["p50_ms"] / floor[r["index"]]["p50_ms"]
+                r["insert_x_faiss"] = floor[r["index"]]["insert_per_s"] / r["insert_per_s"]
+        print_table(
+            [r for r in rows if r["vectors"] == n],
+            [
+                "backend",
+                "index",
+                "vectors",
+                "insert_per_s",
+                "indexed_s",
+                "p50_ms",
+                "p90_ms",
+                "recall@10",
+                "p50_x_faiss",
+            ],
+            f"{n} vectors x {DIM}",
+        )
+    for note in notes:
+        print(note)
+    print(f"wrote {write_results('store', {'dim': DIM, 'k': K, 'notes': notes, 'results': rows})}")
+
+
+if __name__ == "__main__":
+    main()

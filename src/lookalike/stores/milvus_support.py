@@ -1,0 +1,97 @@
+"""Pure helpers of the Milvus store: expression literals, index choice, search parameters, server capabilities.
+
+Kept apart from :mod:`lookalike.stores.milvus` so they can be tested without a Milvus, and so the store module
+stays readable. Imports nothing from pymilvus.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+MAX_ID = 512  # image ids are 16 hex characters; room for callers with their own ids
+MAX_PRODUCT = 1024  # bytes: lookalike.ids allows 180 bytes of UTF-8; other callers get more room
+MAX_PATH = 4096
+MAX_TOPK = 16384  # Milvus' limit on ``limit`` (and offset + limit) per search / query
+CHUNK = 60_000  # characters of manifest JSON per row (VARCHAR holds at most 65,535 bytes)
+BATCH = 2000  # rows per upsert request (2,000 x 1280-d fp32 = 10 MB, well under gRPC's 64 MB)
+MILVUS_INDEXES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "AUTOINDEX")
+HNSW_BUILD = {"M": 32, "efConstruction": 200}
+HNSW_SEARCH = {"ef": 128}
+FIELDS = ("product_id", "path", "format", "extra")
+
+
+def quote(value: str) -> str:
+    """``value`` as a string literal of Milvus' expression language (quotes and backslashes escaped)."""
+    if not isinstance(value, str):
+        raise TypeError(f"a Milvus string literal needs a str, got {type(value).__name__}")
+    bad = next((ch for ch in value if ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{value!r} holds the control character U+{ord(bad):04X}, which Milvus filters cannot carry")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def in_list(field: str, values: Sequence[str]) -> str:
+    return f"{field} in [{', '.join(quote(v) for v in values)}]"
+
+
+def public_uri(uri: str) -> str:
+    """The uri without user:password, for messages and :class:`StoreInfo`."""
+    parts = urlsplit(uri)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return uri
+
+
+def is_lite(uri: str) -> bool:
+    return "://" not in uri
+
+
+def milvus_index(index_type: str, count: int, exact_below: int) -> str:
+    """Milvus' index type for lookalike's ``index_type`` setting: ``auto`` is FLAT (exact) under ``exact_below``
+    images and HNSW above; Milvus names pass through; a FAISS factory string maps to its family."""
+    name = (index_type or "auto").strip()
+    if name.lower() == "auto":
+        return "FLAT" if count < exact_below else "HNSW"
+    if name.upper() in MILVUS_INDEXES:
+        return name.upper()
+    if name.lower() == "flat":
+        return "FLAT"
+    if "HNSW" in name.upper():
+        return "HNSW"
+    if name.upper().startswith("IVF") or ",IVF" in name.upper():
+        return "IVF_SQ8" if "SQ8" in name.upper() else "IVF_FLAT"
+    raise ValueError(
+        f"index_type={index_type!r} has no Milvus equivalent; use auto or one of {', '.join(MILVUS_INDEXES)}"
+    )
+
+
+def index_params(kind: str, count: int) -> dict[str, Any]:
+    if kind in ("HNSW", "HNSW_SQ"):
+        return dict(HNSW_BUILD)
+    if kind.startswith("IVF"):
+        nlist = int(min(65536, max(16, 4 * np.sqrt(max(count, 1)))))
+        return {"nlist": nlist, **({"m": 16, "nbits": 8} if kind == "IVF_PQ" else {})}
+    return {}
+
+
+def search_params(kind: str, metric: str, limit: int, index_params: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if kind in ("HNSW", "HNSW_SQ"):
+        params["ef"] = max(HNSW_SEARCH["ef"], limit)
+    elif kind.startswith("IVF"):
+        params["nprobe"] = max(16, int(index_params.get("nlist", 64)) // 8)
+    return {"metric_type": metric, "params": params}
+
+
+def native_grouping(version: str) -> bool:
+    """Whether the server groups search hits itself: Milvus Lite and servers from 2.5 do; 2.3/2.4 do not
+    (2.3 silently ignores ``group_by_field``, so a probe cannot tell)."""
+    if "lite" in version and not version.startswith("v2."):
+        return True
+    found = re.search(r"(\d+)\.(\d+)", version)
+    return bool(found) and (int(found.group(1)), int(found.group(2))) >= (2, 5)
