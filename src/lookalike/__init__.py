@@ -25,7 +25,20 @@ _LAZY = {
     "UnknownProductError": ".engine",
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = [
+    "BuildReport",
+    "DataManager",
+    "EvaluationUtils",
+    "FeatureExtractor",
+    "ImageError",
+    "ImageSearchEngine",
+    "IndexFileError",
+    "IndexMismatchError",
+    "Settings",
+    "SettingsError",
+    "UnknownProductError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .embedding import FeatureExtractor
