@@ -7,9 +7,15 @@ stay fast and never pull in torch or FAISS by themselves.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# No spin-waiting OpenMP threads in PyTorch (they burn the cores that concurrent searches and other processes
+# need). Read when the OpenMP runtime loads, i.e. when torch is first imported: so here, before any of ours does.
+# A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "BuildReport": ".engine",

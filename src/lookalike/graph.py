@@ -6,20 +6,15 @@ search on an exported OpenVINO / ONNX model never loads PyTorch.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
-# No spin-waiting OpenMP threads (they burn cores that concurrent searches and other processes need); this must
-# be set before the OpenMP runtime starts, i.e. before torch is first imported. A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from .runtime import _INPUT, _OUTPUT, ONNX_OPSET, center_weights  # noqa: E402
-from .store import atomic_write_bytes  # noqa: E402
+from .runtime import _INPUT, _OUTPUT, ONNX_OPSET, center_weights
+from .store import atomic_write_bytes
 
 
 class PixelsToFeatures(nn.Module):
