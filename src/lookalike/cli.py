@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import SECRET_SETTINGS, Settings, describe_setting, settings_fields
+from .settings import SECRET_SETTINGS, Settings, default_text, describe_setting, settings_fields
 
 logger = logging.getLogger("lookalike")
 
@@ -70,8 +70,8 @@ def _settings_parser(command: str) -> argparse.ArgumentParser:
         if name in SECRET_SETTINGS:  # secrets come from the environment or the file, never from `ps`
             continue
         help_text = describe_setting(name) if name in shown else argparse.SUPPRESS
-        default = names[name].default
-        if help_text is not argparse.SUPPRESS and default is not None and len(str(default)) <= 20:
+        default = default_text(name)
+        if help_text is not argparse.SUPPRESS and default is not None:
             help_text += f" (default: {default})"
         group.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", default=None, help=help_text)
     group.add_argument("-v", "--verbose", action="count", default=0, help="progress messages (-vv: debug)")

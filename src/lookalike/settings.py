@@ -341,23 +341,23 @@ def settings_fields() -> list[dataclasses.Field]:
 
 DESCRIPTIONS: dict[str, str] = {
     "device": "where the network runs: cpu, cuda, cuda:<n> or auto (a GPU when PyTorch sees one)",
-    "img_size": "side of the square the model sees, in pixels (default: the model's own)",
+    "img_size": "side of the square the model sees, in pixels",
     "batch_size": "images per network call while indexing",
-    "embedding_dim": "length of the vectors; must agree with the model (default: the model's)",
+    "embedding_dim": "length of the vectors; must agree with the model",
     "model_name": "the backbone network that turns photos into vectors",
     "similarity_metric": "cosine (angle between vectors) or l2 (distance)",
     "pooling": "center (centre-weighted, best on product photos) or avg (plain average)",
     "tune": "fit a projection on the catalog's own products when it helps (its held-out check decides)",
     "data_dir": "the catalog folder: <data_dir>/<product_id>/<images>",
     "cache_dir": "where the index, its manifest, cached vectors and exported models are kept",
-    "index_file": "the index file (default: <cache_dir>/index.faiss, one generation per build beside it)",
-    "metadata_file": "the index's manifest (default: <cache_dir>/metadata.json)",
+    "index_file": "base name of the index files: each build writes <stem>-<build id>.faiss beside it",
+    "metadata_file": "the index's manifest: the build's settings, the image list, checksums",
     "weights_path": "a local checkpoint instead of the model's standard weights",
     "pretrained": "false: random weights (speed benchmarks only)",
     "num_workers": "image decoding threads beside the network",
     "runtime": "what runs the network: auto (OpenVINO, else ONNX Runtime, else torch), torch, onnx, openvino",
     "precision": "auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16 or int8",
-    "threads": "threads the network may use (default: one per core; the server divides them between searches)",
+    "threads": "threads the network may use (the server divides the cores between its searches)",
     "index_type": "auto (exact for small catalogs, approximate for large) or a FAISS factory string",
     "exact_below": "with index_type auto: catalogs smaller than this get exact search",
     "max_image_pixels": "larger images are refused (decompression bombs)",
@@ -381,9 +381,29 @@ def describe_setting(name: str) -> str:
     return DESCRIPTIONS.get(name, name.replace("_", " "))
 
 
+# What an unset (None) default means, in words.
+DEFAULT_TEXT = {
+    "img_size": "the model's own",
+    "embedding_dim": "the model's own",
+    "index_file": "<cache_dir>/index.faiss",
+    "metadata_file": "<cache_dir>/metadata.json",
+    "threads": "one per core",
+}
+
+
+def default_text(name: str) -> str | None:
+    """The default of a setting as a reader would write it (None: there is none)."""
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
+    value = next((f.default for f in settings_fields() if f.name == name), None)
+    if value is None:
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 # --- unknown environment variables -----------------------------------------------------------------------------
 
-_NOT_SETTINGS = {"CONFIG"}  # LOOKALIKE_CONFIG names the YAML file
+_NOT_SETTINGS = {"CONFIG", "GROCERY"}  # the YAML file; where benchmarks/ find the real photos
 _warned_env: set[str] = set()
 
 
