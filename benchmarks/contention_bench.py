@@ -24,6 +24,7 @@ from lookalike import ImageSearchEngine, Settings
 # (label, settings overrides): the default, and the settings the default replaced, for comparison in one run.
 SETTINGS = [
     ("default settings", {}),
+    ("default, threads 1", {"threads": 1}),
     ("torch, threads unset (old default)", {"runtime": "torch"}),
     ("torch, threads 1", {"runtime": "torch", "threads": 1}),
 ]

@@ -152,3 +152,16 @@ def test_auto_gives_the_torch_vectors_of_lite0_on_real_photos(grocery, tmp_path)
     assert auto.runtime == "openvino"
     a, b = auto.extract_batch_features(paths), torch_.extract_batch_features(paths)
     assert cosine(a, b).min() >= 0.9999
+
+
+def test_two_processes_exporting_at_once_both_succeed(tmp_path, photos):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+    env["PYTHONPATH"] = str(SRC)
+    argv = [sys.executable, "-c", _CHILD, str(tmp_path), str(photos[1])]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    vectors = [json.loads(out.strip().splitlines()[-1])["vector"] for out, _ in outs]
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
+    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert len(files) == 1 and files[0].endswith("-fp32.onnx"), files  # one model, no temporary files left

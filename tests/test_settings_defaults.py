@@ -233,3 +233,50 @@ def test_the_cli_marks_flags_explicit(tmp_path):
     args = build_parser().parse_args(["stats", "--cache-dir", str(tmp_path)])
     assert "cache_dir" in settings_from_args(args).explicit
     assert Path(settings_from_args(args).cache_dir) == tmp_path
+
+
+# --- with the engine: the wiring the engine's load / rebuild is to do ----------------------------------------------
+
+
+def _opened(settings: Settings) -> Settings:
+    """What ImageSearchEngine.load_index / build_index are to do first: adopt the index's recorded settings."""
+    from lookalike.store import read_index
+
+    return adopt_recorded(settings, read_index(settings).manifest["settings"])
+
+
+def test_an_index_opened_from_another_folder_with_only_its_cache_dir(tmp_path, monkeypatch, catalog):
+    from conftest import product_image
+    from lookalike import ImageSearchEngine
+
+    built = make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path / "cache", pooling="avg", tune=False)
+    ImageSearchEngine(built).build_index(progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    opened = _opened(make(cache_dir=tmp_path / "cache"))
+    assert (opened.model_name, opened.pooling, opened.tune) == ("test_tiny", "avg", False)
+    assert opened.data_dir == catalog.resolve()
+    engine = ImageSearchEngine(opened)
+    engine.load_index()
+    query = tmp_path / "q.jpg"
+    product_image(0, 77).save(query)
+    hit = engine.search(query, top_k=1)[0]
+    assert hit["product_id"] == "red-disc" and Path(hit["image_path"]).is_file()
+
+
+def test_a_flag_that_contradicts_the_index_is_one_error_before_any_work(tmp_path, catalog):
+    from lookalike import ImageSearchEngine
+
+    ImageSearchEngine(make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path)).build_index(progress=False)
+    with pytest.raises(SettingsError, match=r"^pooling: .*pooling=center.*pooling=avg"):
+        _opened(make(cache_dir=tmp_path, pooling="avg"))
+
+
+def test_a_rebuild_keeps_the_indexs_tuning_choice(tmp_path, catalog):
+    from lookalike import ImageSearchEngine
+
+    ImageSearchEngine(make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path, tune=False)).build_index()
+    rebuilt = _opened(make(cache_dir=tmp_path))  # a plain `lookalike index` later: tune left at its default
+    assert rebuilt.tune is False
+    assert _opened(make(cache_dir=tmp_path, tune=True)).tune is True  # unless told otherwise

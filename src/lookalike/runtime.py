@@ -385,15 +385,19 @@ def build_runner(
                 )
                 export_onnx(the_graph(), input_size, fp32_path)
             if precision == "int8" and not path.is_file():
-                logger.info("quantizing %s to INT8 on %s photos, once", identity["model_name"], CALIBRATION_VERSION)
+                logger.warning(
+                    "quantizing %s to INT8 on %s photos (once; later runs reuse it)",
+                    identity["model_name"],
+                    CALIBRATION_VERSION,
+                )
                 quantize_int8(fp32_path, path, calibration_pixels(input_size, resample))
             if runtime == "onnx":
                 return OnnxRunner(path, device, threads)
             return OpenVinoRunner(path, precision, threads)
         except ImportError as exc:
             raise RuntimeError(
-                f"runtime={runtime!r} needs the optional packages of lookalike[fast] ({exc.name} is missing): "
-                "pip install 'lookalike[fast]', or use runtime=torch"
+                f"runtime={runtime!r} at {precision} needs {exc.name}, which is missing: pip install "
+                f"{'openvino' if exc.name == 'openvino' else repr('lookalike[fast]')}, or use runtime=torch"
             ) from None
         except Exception as exc:  # the runtimes raise their own types for a file they cannot read
             if attempt or not path.is_file():
