@@ -24,6 +24,7 @@ from lookalike.stores.faiss_index import VectorIndex
 
 # (label, settings overrides); img_size None = the model's own input size (224 except Lite0's 256)
 CONFIGS = [
+    ("default settings", dict()),  # what a plain install runs: runtime auto (OpenVINO fp32 when installed)
     ("torch fp32", dict(runtime="torch")),
     ("onnx fp32", dict(runtime="onnx")),
     ("openvino fp32", dict(runtime="openvino")),

@@ -110,7 +110,8 @@ def test_upload_a_real_photo_then_more_like_this(grocery, grocery_engine, tmp_pa
             wait_for_thumbnails(page)
             page.screenshot(path=tmp_path / "search.png", full_page=True)
 
-            # Click the best match: a new grid of the other products, "more like" it.
+            # Click the best match: a new grid of the other products, "more like" it; the preview shows that product.
+            clicked_thumbnail = cards.first.locator("img").get_attribute("src")
             cards.first.click()
             expect(results).to_have_attribute("data-query", f"similar:{EXPECTED}")
             expect(page.locator("#results-title")).to_have_text(f"More like {EXPECTED}")
@@ -118,22 +119,43 @@ def test_upload_a_real_photo_then_more_like_this(grocery, grocery_engine, tmp_pa
             shown = [cards.nth(i).get_attribute("data-product") for i in range(cards.count())]
             assert sorted(shown) == sorted(p for p in PRODUCTS if p != EXPECTED)
             wait_for_thumbnails(page)
+            expect(page.locator("#preview")).to_have_attribute("src", clicked_thumbnail)
+            expect(page.locator("#preview")).to_have_attribute("alt", EXPECTED)
+            page.wait_for_function("() => document.querySelector('#preview').naturalWidth > 0", timeout=TIMEOUT_MS)
             page.screenshot(path=tmp_path / "more-like-this.png", full_page=True)
 
-            # A file that is not a photo: the page says why, in words, and keeps the grid.
+            # A file that is not a photo: the page says why, in words; the old results go, and the preview shows
+            # no broken image.
             page.locator("#file").set_input_files(
                 files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"just some text"}]
             )
             expect(page.locator("#status")).to_have_class("error")
             expect(page.locator("#status")).to_contain_text("not a supported image")
-            expect(cards).to_have_count(len(PRODUCTS) - 1)
+            expect(cards).to_have_count(0)
+            expect(page.locator("#results-section")).to_be_hidden()
+            expect(page.locator("#preview")).to_be_hidden()
             page.screenshot(path=tmp_path / "error.png", full_page=True)
+
+            # A PDF dropped after a good search: same story.
+            page.locator("#file").set_input_files(photo)
+            expect(cards).to_have_count(len(PRODUCTS))
+            expect(page.locator("#preview")).to_be_visible()
+            page.locator("#file").set_input_files(
+                files=[{"name": "price-list.pdf", "mimeType": "application/pdf", "buffer": b"%PDF-1.4\n%%EOF\n"}]
+            )
+            expect(page.locator("#status")).to_have_class("error")
+            expect(cards).to_have_count(0)
+            expect(page.locator("#results-section")).to_be_hidden()
+            expect(page.locator("#preview")).to_be_hidden()
+            assert page.evaluate("() => document.querySelector('#preview').getAttribute('src')") is None
+            page.screenshot(path=tmp_path / "pdf-error.png", full_page=True)
         finally:
             browser.close()
-    print(f"screenshots: {tmp_path / 'search.png'}, {tmp_path / 'more-like-this.png'}, {tmp_path / 'error.png'}")
-    # The only console error allowed is the browser's own note about the refused upload (a 415 response).
+    shots = ("search.png", "more-like-this.png", "error.png", "pdf-error.png")
+    print("screenshots: " + ", ".join(str(tmp_path / name) for name in shots))
+    # The only console errors allowed are the browser's own notes about the refused uploads (415 responses).
     assert [p for p in problems if "415" not in p] == []
-    for name in ("search.png", "more-like-this.png", "error.png"):
+    for name in shots:
         assert (tmp_path / name).stat().st_size > 10_000
 
 

@@ -70,10 +70,71 @@ def test_loose_images_at_the_root_are_ignored_with_a_warning(tmp_path, caplog):
     assert "ignored" in warnings[0]
 
 
-def test_nested_folders_inside_a_product_are_not_scanned(tmp_path):
+def test_nested_folders_inside_a_product_belong_to_it(tmp_path, caplog):
     touch(tmp_path / "shoe" / "1.jpg")
     touch(tmp_path / "shoe" / "extra" / "2.jpg")
+    touch(tmp_path / "shoe" / "extra" / "deeper" / "3.png")
+    touch(tmp_path / "shoe" / ".thumbs" / "4.jpg")  # hidden folders are skipped
+    touch(tmp_path / "shoe" / "extra" / ".5.jpg")
+    touch(tmp_path / "shoe" / "zz.jpg")
+    with caplog.at_level(logging.INFO, logger="lookalike.catalog"):
+        images = scan_catalog(tmp_path)
+    rel = [(im.product_id, im.path.relative_to(tmp_path.resolve()).as_posix()) for im in images]
+    assert rel == [
+        ("shoe", "shoe/1.jpg"),
+        ("shoe", "shoe/extra/2.jpg"),
+        ("shoe", "shoe/extra/deeper/3.png"),
+        ("shoe", "shoe/zz.jpg"),
+    ]
+    assert any("nested folder(s) deeper, extra belong to it" in r.getMessage() for r in caplog.records)
+
+
+def test_flat_catalog_keeps_its_paths_and_image_ids(tmp_path):
+    """Flat catalogs built before nested folders counted get the same images, order and ids as before."""
+    from lookalike.ids import image_id_for
+
+    for product, name in [("b", "2.jpg"), ("a", "x.png"), ("b", "10.jpg"), ("a", "a.jpg")]:
+        touch(tmp_path / product / name)
+    images = scan_catalog(tmp_path)
+    rel = [im.path.relative_to(tmp_path.resolve()).as_posix() for im in images]
+    assert rel == ["a/a.jpg", "a/x.png", "b/10.jpg", "b/2.jpg"]
+    assert [image_id_for(r) for r in rel] == [image_id_for(f"{p}/{n}") for p, n in listing(images)]
+
+
+def test_symlinked_folder_inside_a_product_is_not_followed(tmp_path):
+    touch(tmp_path / "shoe" / "1.jpg")
+    os.symlink(tmp_path / "shoe", tmp_path / "shoe" / "loop")
     assert listing(scan_catalog(tmp_path)) == [("shoe", "1.jpg")]
+
+
+def test_duplicates_across_products_are_found_and_named(tmp_path, caplog):
+    from lookalike.catalog import find_duplicates
+
+    same = b"\xff\xd8 the very same bytes"
+    touch(tmp_path / "cola" / "front.jpg", same)
+    touch(tmp_path / "cola-zero" / "sub" / "copy.jpg", same)
+    touch(tmp_path / "cola" / "again.jpg", same)  # also within one product: reported with its group
+    touch(tmp_path / "fanta" / "other.jpg", b"\xff\xd8 other bytes, same size!")  # same size, other bytes
+    touch(tmp_path / "fanta" / "twice-a.jpg", b"\xff\xd8 only in fanta")
+    touch(tmp_path / "fanta" / "twice-b.jpg", b"\xff\xd8 only in fanta")  # one product: harmless
+    with caplog.at_level(logging.WARNING, logger="lookalike.catalog"):
+        groups = find_duplicates(scan_catalog(tmp_path))
+    assert [[im.path.relative_to(tmp_path.resolve()).as_posix() for im in g] for g in groups] == [
+        ["cola-zero/sub/copy.jpg", "cola/again.jpg", "cola/front.jpg"]
+    ]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "same photo is filed under 2 products" in message
+    assert str(tmp_path.resolve() / "cola" / "front.jpg") in message and "copy.jpg (cola-zero)" in message
+
+
+def test_no_duplicates_no_warning(tmp_path, caplog):
+    from lookalike.catalog import find_duplicates
+
+    touch(tmp_path / "a" / "1.jpg", b"\xff\xd8 one")
+    touch(tmp_path / "b" / "1.jpg", b"\xff\xd8 two")
+    with caplog.at_level(logging.WARNING, logger="lookalike.catalog"):
+        assert find_duplicates(scan_catalog(tmp_path)) == []
+    assert not caplog.records
 
 
 def test_order_is_sorted_by_product_then_file_name(tmp_path):

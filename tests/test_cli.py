@@ -113,8 +113,8 @@ def test_search_prints_a_table(indexed, query, capsys):
 
 def test_search_json_matches_the_library(indexed, query, tmp_path, capsys):
     assert main(["search", str(query), "--json", "--top-k", "3", *indexed]) == 0
-    hits = json.loads(capsys.readouterr().out)
-    assert isinstance(hits, list) and len(hits) == 3
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines: one per result
+    assert len(hits) == 3 and all(h["query"] == str(query) for h in hits)
     assert all(
         isinstance(h, dict) and {"rank", "product_id", "similarity", "image_id", "image_path"} <= set(h) for h in hits
     )
@@ -127,13 +127,85 @@ def test_search_json_matches_the_library(indexed, query, tmp_path, capsys):
 
 def test_search_image_level_and_min_similarity(indexed, query, capsys):
     assert main(["search", str(query), "--json", "--images", "--top-k", "3", *indexed]) == 0
-    hits = json.loads(capsys.readouterr().out)
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [h["product_id"] for h in hits] == ["red-disc"] * 3  # red-disc's three images
 
     assert main(["search", str(query), "--min-similarity", "1.5", *indexed]) == 0
     assert capsys.readouterr().out.strip() == "no match"
     assert main(["search", str(query), "--json", "--min-similarity", "1.5", *indexed]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    assert capsys.readouterr().out == ""  # no result, no line
+
+
+def test_search_many_photos_and_a_folder(indexed, tmp_path, capsys):
+    folder = tmp_path / "shots"
+    (folder / "nested").mkdir(parents=True)
+    product_image(1, 60).save(folder / "b-green.jpg")
+    product_image(0, 61).save(folder / "nested" / "a-red.png")
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    single = tmp_path / "blue.jpg"
+    product_image(2, 62).save(single)
+    assert main(["search", str(single), str(folder), "--top-k", "1", *indexed]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["query", "rank", "product", "similarity", "image"]
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[2]) for r in rows] == [
+        (str(single), "blue-cross"),
+        (str(folder / "b-green.jpg"), "green-bar"),
+        (str(folder / "nested" / "a-red.png"), "red-disc"),
+    ]
+
+
+def test_search_json_lines_and_csv_agree(indexed, tmp_path, capsys):
+    import csv
+    import io
+
+    paths = []
+    for look in (0, 3):
+        paths.append(tmp_path / f"q{look}.jpg")
+        product_image(look, 70).save(paths[-1])
+    assert main(["search", *map(str, paths), "--json", "--top-k", "2", *indexed]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(h["query"], h["rank"]) for h in hits] == [(str(p), r) for p in paths for r in (1, 2)]
+    assert main(["search", *map(str, paths), "--csv", "--top-k", "2", *indexed]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0])[:4] == ["query", "rank", "product_id", "similarity"]
+    assert [(r["query"], r["product_id"], r["image_id"]) for r in rows] == [
+        (h["query"], h["product_id"], h["image_id"]) for h in hits
+    ]
+
+
+def test_search_folder_without_photos_is_an_error(indexed, tmp_path, capsys):
+    (tmp_path / "empty-folder").mkdir()
+    assert "holds no photos" in run_error(["search", str(tmp_path / "empty-folder"), *indexed], capsys)
+
+
+def test_each_subcommand_help_shows_its_own_options_with_descriptions(capsys):
+    from lookalike.cli import COMMAND_SETTINGS
+    from lookalike.settings import describe_setting
+
+    helps = {}
+    for command in COMMAND_SETTINGS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    assert "--host" in helps["serve"] and "--port" in helps["serve"]
+    for command in set(COMMAND_SETTINGS) - {"serve"}:
+        assert "--host" not in helps[command] and "--max-concurrent-searches" not in helps[command], command
+    assert "--model-name" in helps["index"] and "--model-name" not in helps["search"]
+    assert "--csv" in helps["search"] and "--csv" not in helps["stats"]
+    flat = " ".join(helps["index"].split())
+    assert " ".join(describe_setting("exact_below").split()) in flat
+    for command, text in helps.items():  # every option has a description
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if stripped.startswith("--") and len(stripped.split()) <= 2:  # flag alone: its help on the next line
+                assert i + 1 < len(lines) and lines[i + 1].startswith(" " * 10), (command, line)
+
+
+def test_search_accepts_build_settings_that_agree_with_the_index(indexed, query, capsys):
+    assert main(["search", str(query), "--model-name", "test_tiny", "--pooling", "center", *indexed]) == 0
 
 
 def test_stats(indexed, capsys):
@@ -199,7 +271,7 @@ def test_add_then_remove(indexed, catalog, tmp_path, capsys):
     assert sorted(p.name for p in (catalog / "pink-cross").iterdir()) == ["shot-1.jpg", "shot-2.jpg"]
 
     assert main(["search", shots[0], "--json", "--top-k", "1", *indexed]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["product_id"] == "pink-cross"
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["product_id"] == "pink-cross"
 
     assert main(["remove", "green-bar", *indexed]) == 0
     out = capsys.readouterr().out

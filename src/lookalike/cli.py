@@ -12,44 +12,97 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import SECRET_SETTINGS, Settings, settings_fields
+from .settings import SECRET_SETTINGS, Settings, default_text, describe_setting, settings_fields
 
 logger = logging.getLogger("lookalike")
 
 
-def _common_parser() -> argparse.ArgumentParser:
+# Which settings each subcommand shows in its --help. The others (e.g. build settings on search: the index records
+# them, and a value given there is only checked against it) are accepted without a help line.
+_PATHS = ("cache_dir", "index_file", "metadata_file")
+_CATALOG = ("data_dir",)
+_BUILD = (
+    "model_name",
+    "weights_path",
+    "pretrained",
+    "img_size",
+    "embedding_dim",
+    "pooling",
+    "similarity_metric",
+    "tune",
+    "index_type",
+    "exact_below",
+)
+_RUN = ("device", "runtime", "precision", "threads", "batch_size", "num_workers", "max_image_pixels")
+_STORE = ("store", "milvus_uri", "collection")
+_EXECUTOR = ("executor", "ray_address")
+_SERVER = ("host", "port", "max_upload_bytes", "max_concurrent_searches", "search_queue_size")
+_OPEN = (*_PATHS, *_CATALOG, *_RUN, *_STORE)  # commands that open a built index
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "index": (*_CATALOG, *_PATHS, *_BUILD, *_RUN, *_STORE, *_EXECUTOR),
+    "tune": (*_CATALOG, *_PATHS, *_BUILD, *_RUN, *_STORE, *_EXECUTOR),
+    "search": _OPEN,
+    "stats": _OPEN,
+    "add": _OPEN,
+    "remove": _OPEN,
+    "serve": (*_OPEN, *_SERVER),
+    "eval": ("cache_dir", *_BUILD, *_RUN),
+    "demo": _BUILD + _RUN,
+}
+
+
+def _settings_parser(command: str) -> argparse.ArgumentParser:
+    """The settings flags of one subcommand, each with its one-line description."""
+    shown = COMMAND_SETTINGS[command]
+    names = {f.name: f for f in settings_fields()}
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("settings (override configs/configs.yaml and LOOKALIKE_* variables)")
     group.add_argument("--config", metavar="FILE", help="YAML settings file (default: configs/configs.yaml)")
-    for f in settings_fields():
-        if f.name in SECRET_SETTINGS:  # secrets come from the environment or the file, never from `ps`
+    grouped = {n for names_ in COMMAND_SETTINGS.values() for n in names_}
+    if command in {"index", "tune"}:  # settings that no group names yet (added by other work) go with the build
+        shown = (*shown, *(n for n in names if n not in grouped and n not in _SERVER))
+    # The others are accepted without a line in --help (a config file or a script may pass them everywhere);
+    # the server's only by serve.
+    accepted = [n for n in shown if n in names] + [
+        n for n in names if n not in shown and (n not in _SERVER or command == "serve")
+    ]
+    for name in accepted:
+        if name in SECRET_SETTINGS:  # secrets come from the environment or the file, never from `ps`
             continue
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE", default=None)
+        help_text = describe_setting(name) if name in shown else argparse.SUPPRESS
+        default = default_text(name)
+        if help_text is not argparse.SUPPRESS and default is not None:
+            help_text += f" (default: {default})"
+        group.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", default=None, help=help_text)
     group.add_argument("-v", "--verbose", action="count", default=0, help="progress messages (-vv: debug)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_parser()
     parser = argparse.ArgumentParser(prog="lookalike", description="Visual product search over a catalog of photos.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("index", parents=[common], help="build or update the index of data_dir")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[_settings_parser(name)], help=help_text, description=help_text)
+
+    p = command("index", "build or update the index of data_dir")
     p.add_argument("--force", action="store_true", help="extract every image again, ignoring the cache")
 
-    p = sub.add_parser("search", parents=[common], help="find the products that look like an image")
-    p.add_argument("image", help="query image file")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--images", action="store_true", help="image-level hits instead of one entry per product")
-    p.add_argument("--min-similarity", type=float, default=None)
+    p = command("search", "find the products that look like one or more photos")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="photo files, or folders of photos, to search with")
+    p.add_argument("--top-k", type=int, default=5, help="results per photo (default: 5)")
+    p.add_argument("--images", dest="by_image", action="store_true", help="one row per image, not per product")
+    p.add_argument("--min-similarity", type=float, default=None, help="drop results under this similarity")
     p.add_argument("--only-matches", action="store_true", help="drop results under the calibrated no-match threshold")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object per result line (JSON lines)")
+    out.add_argument("--csv", action="store_true", help="CSV with a header line")
+
+    p = command("stats", "catalog and index statistics")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("stats", parents=[common], help="catalog and index statistics")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser("eval", parents=[common], help="measure retrieval quality on a labelled catalog")
+    p = command("eval", "measure retrieval quality on a labelled catalog")
     p.add_argument("--catalog", required=True, help="catalog folder to index (<product>/<images>)")
     p.add_argument("--queries", help="photos to search with, same layout (the folder names the right product)")
     p.add_argument("--iconic", help="studio shots to search with, same layout (cross-domain protocol)")
@@ -64,19 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--report", metavar="DIR", help="write an HTML report (worst queries, confusions) to DIR")
 
-    p = sub.add_parser("tune", parents=[common], help="fit a projection on the catalog's own products and reindex")
+    command("tune", "fit a projection on the catalog's own products and reindex")
 
-    p = sub.add_parser("add", parents=[common], help="add images to a product (copied into data_dir) and index them")
-    p.add_argument("product_id")
-    p.add_argument("images", nargs="+")
+    p = command("add", "add images to a product (copied into data_dir) and index them")
+    p.add_argument("product_id", help="the product the photos show (its folder name)")
+    p.add_argument("images", nargs="+", help="photo files to add")
 
-    p = sub.add_parser("remove", parents=[common], help="remove a product from the index")
-    p.add_argument("product_id")
+    p = command("remove", "remove a product from the index")
+    p.add_argument("product_id", help="the product to remove")
 
-    p = sub.add_parser("serve", parents=[common], help="HTTP API and web page over the index (see docs/server.md)")
+    p = command("serve", "HTTP API and web page over the index (see docs/server.md)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
-    p = sub.add_parser("demo", parents=[common], help="offline demo on photos shipped with scikit-image")
+    p = command("demo", "offline demo on photos shipped with scikit-image")
     p.add_argument("--workdir", help="where to write the demo catalog and index (default: a temporary folder)")
     return parser
 
@@ -118,26 +171,72 @@ def cmd_index(args, settings: Settings) -> int:
 
 
 def cmd_search(args, settings: Settings) -> int:
-    hits = _engine(settings).search(
-        args.image,
+    queries = _query_files(args.images)
+    results = _engine(settings).search_batch(
+        [str(q) for q in queries],
         top_k=args.top_k,
-        by_product=not args.images,
+        by_product=not args.by_image,
         min_similarity=args.min_similarity,
         only_matches=args.only_matches,
     )
+    rows = [{"query": str(q), **hit} for q, hits in zip(queries, results) for hit in hits]
     if args.json:
-        print(json.dumps(hits, indent=2))
-    elif not hits:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    columns = ["query", "rank", "product_id", "similarity"]
+    if any("match" in r for r in rows):
+        columns.append("match")
+    columns += ["image_id", "image_path"]
+    if args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    if not rows:
         print("no match")
-    else:
-        header = ["rank", "product", "similarity", "image"]
-        rows = [[h["rank"], h["product_id"], f"{h['similarity']:.3f}", h["image_path"]] for h in hits]
-        if "match" in hits[0]:
-            header.insert(3, "match")
-            for row, h in zip(rows, hits):
-                row.insert(3, "yes" if h["match"] else "no")
-        print(_table(rows, header))
+        return 0
+    header = ["rank", "product", "similarity", "image"]
+    table = []
+    for r in rows:
+        row = [r["rank"], r["product_id"], f"{r['similarity']:.3f}", r["image_path"]]
+        if "match" in columns:
+            row.insert(3, "yes" if r.get("match") else "no")
+        if len(queries) > 1:
+            row.insert(0, r["query"])
+        table.append(row)
+    if "match" in columns:
+        header.insert(3, "match")
+    if len(queries) > 1:
+        header.insert(0, "query")
+    print(_table(table, header))
     return 0
+
+
+def _query_files(items: list[str]) -> list[Path]:
+    """The photos to search with: files as given, folders expanded to the photos inside them (sorted, nested
+    folders included, hidden entries skipped)."""
+    from .catalog import is_image_name
+
+    out: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if not path.is_dir():
+            out.append(path)  # a missing or bad file is reported by the search, naming it
+            continue
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if is_image_name(p.name)
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not found:
+            raise ValueError(f"folder {path} holds no photos (.jpg, .jpeg, .png, .webp)")
+        out.extend(found)
+    return out
 
 
 def cmd_stats(args, settings: Settings) -> int:

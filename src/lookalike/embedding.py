@@ -22,16 +22,9 @@ from itertools import islice
 import numpy as np
 from PIL import Image
 
-from .backbones import LoadedBackbone, build_backbone
+from .backbones import get_backbone, weights_fingerprint
 from .imaging import ImageError, ImageSource, describe, open_image
-from .runtime import (
-    CALIBRATION_VERSION,
-    CENTER_SIGMA,
-    PixelsToFeatures,
-    build_runner,
-    center_weights,
-    resolve_precision,
-)
+from .runtime import CALIBRATION_VERSION, CENTER_SIGMA, build_runner, center_weights, resolve_precision, resolve_runtime
 from .settings import Settings
 
 FEATURE_VERSION = 3  # bump when the same model and settings would give different vectors (3: JPEG draft decoding)
@@ -55,6 +48,8 @@ class Extraction:
 
 
 def resolve_device(name: str) -> str:
+    if name == "cpu":
+        return name  # no torch import for the common case
     import torch
 
     if name == "auto":
@@ -65,26 +60,43 @@ def resolve_device(name: str) -> str:
 
 
 class FeatureExtractor:
-    """Turns images into the backbone's pooled feature vectors (not normalised; the index decides that)."""
+    """Turns images into the backbone's pooled feature vectors (not normalised; the index decides that).
 
-    def __init__(self, settings: Settings | None = None, *, logger: logging.Logger | None = None):
+    ``FeatureExtractor(logger)``, the seed's call, works too: a logger in place of the settings means the default
+    settings with that logger.
+
+    With runtime openvino or onnx (``auto`` picks them) and the model already exported under
+    ``<cache_dir>/models/``, the network is never built in PyTorch: torch is not even imported.
+    """
+
+    def __init__(self, settings: Settings | logging.Logger | None = None, *, logger: logging.Logger | None = None):
+        if isinstance(settings, logging.Logger):  # the seed's positional signature: FeatureExtractor(logger)
+            settings, logger = None, logger or settings
         self.settings = settings if settings is not None else Settings()
         self.logger = logger or logging.getLogger(__name__)
         self.device = resolve_device(self.settings.device)
         self.precision = resolve_precision(self.settings.precision, self.device)
-        loaded: LoadedBackbone = build_backbone(
-            self.settings.model_name, weights_path=self.settings.weights_path, pretrained=self.settings.pretrained
+        self.runtime = resolve_runtime(self.settings.runtime, self.device, self.precision)
+        if self.settings.runtime == "auto":
+            self.logger.info("runtime auto: %s (%s on %s)", self.runtime, self.precision, self.device)
+        self.spec = get_backbone(self.settings.model_name)
+        self._loaded = None
+        fingerprint = weights_fingerprint(
+            self.spec.name, weights_path=self.settings.weights_path, pretrained=self.settings.pretrained
         )
-        self.spec = loaded.spec
-        self.weights_fingerprint = loaded.weights_fingerprint
-        self.model = loaded.module
+        if fingerprint == "random-init-seed0" and self.spec.load_state is not None:
+            self.logger.warning(
+                "model %s runs with RANDOM weights (pretrained=false): its results mean nothing", self.spec.name
+            )
+        if fingerprint is None:  # only loading the weights tells (torchvision's checkpoints)
+            fingerprint = self._backbone().weights_fingerprint
+        self.weights_fingerprint = fingerprint
         self.input_size = self.settings.input_size
         preprocess = self.spec.preprocess
         self._resample = _RESAMPLE[preprocess.interpolation]
-        self.graph = PixelsToFeatures(self.model, preprocess.mean, preprocess.std, self.settings.pooling)
+        self._graph = None
         self.runner = build_runner(
-            self.graph,
-            runtime=self.settings.runtime,
+            runtime=self.runtime,
             precision=self.precision,
             device=self.device,
             threads=self.settings.threads,
@@ -92,11 +104,37 @@ class FeatureExtractor:
             cache_dir=self.settings.cache_dir,
             identity=self._graph_identity(),
             resample=self._resample,
+            make_graph=lambda: self.graph,
         )
         # JPEGs decoded as tensors on the model's device (nvJPEG on a GPU); None: Pillow in the worker threads.
         self.tensor_decoder: TensorDecoder | None = None
-        if self.device.startswith("cuda") and self.settings.runtime == "torch" and TensorDecoder.available():
+        if self.device.startswith("cuda") and self.runtime == "torch" and TensorDecoder.available():
             self.tensor_decoder = TensorDecoder(self.device, self.input_size, self.settings.max_image_pixels)
+
+    def _backbone(self):
+        """The backbone with its weights (torch), built on first need."""
+        if self._loaded is None:
+            from .backbones import build_backbone
+
+            self._loaded = build_backbone(
+                self.settings.model_name, weights_path=self.settings.weights_path, pretrained=self.settings.pretrained
+            )
+        return self._loaded
+
+    @property
+    def model(self):
+        """The backbone network (a torch module), built on first use."""
+        return self._backbone().module
+
+    @property
+    def graph(self):
+        """Pixels -> raw vectors as one torch module (:class:`~lookalike.graph.PixelsToFeatures`)."""
+        if self._graph is None:
+            from .graph import PixelsToFeatures
+
+            preprocess = self.spec.preprocess
+            self._graph = PixelsToFeatures(self.model, preprocess.mean, preprocess.std, self.settings.pooling)
+        return self._graph
 
     @property
     def dim(self) -> int:
@@ -118,7 +156,7 @@ class FeatureExtractor:
         """
         precision = self.precision
         if precision == "int8":
-            precision = f"int8-{CALIBRATION_VERSION}-{self.settings.runtime}"
+            precision = f"int8-{CALIBRATION_VERSION}-{self.runtime}"
         return {
             **self._graph_identity(),
             "precision": precision,

@@ -24,7 +24,7 @@ from . import edits, files, ranking
 from .cache import EmbeddingCache, embed_with_cache
 from .imaging import ImageError, ImageSource, describe
 from .manifest import IndexMismatchError, check_model, index_statistics, load_adaptation
-from .settings import Settings
+from .settings import Settings, adopt_recorded
 from .store import DataManager
 from .stores import VectorStore, open_store, search_device
 from .stores.base import IndexFileError, StoreInfo
@@ -34,11 +34,6 @@ logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 1.0  # a running engine looks for another process's commit at most this often
 UnknownProductError = edits.UnknownProductError
-
-
-def _adopt_recorded_settings(settings: Settings, recorded: dict[str, Any]) -> Settings:
-    """The settings to use with an index that recorded ``recorded`` (its ``manifest["settings"]``)."""
-    return settings  # merge: replaced by settings.adopt_recorded
 
 
 @dataclass
@@ -137,7 +132,7 @@ class ImageSearchEngine:
         store = open_store(self.settings, metric=self.settings.similarity_metric, device=device)
         recorded = (store.manifest() or {}).get("settings")
         if manifest_settings and recorded:
-            adopted = _adopt_recorded_settings(self.settings, recorded)
+            adopted = adopt_recorded(self.settings, recorded)
             if adopted != self.settings and getattr(self._extractor, "settings", None) is self.settings:
                 self._extractor = None  # made again, from the adopted settings
             self.settings = adopted

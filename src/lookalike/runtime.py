@@ -12,18 +12,17 @@ indexes of one are never used for another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .store import atomic_write_bytes
 
@@ -51,39 +50,84 @@ def center_weights(height: int, width: int) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-class PixelsToFeatures(nn.Module):
-    """uint8 pixels (B, H, W, 3) -> raw vectors (B, raw_dim): the whole computation, in one exportable graph.
-
-    NHWC input permuted to NCHW is channels_last in memory, which is what oneDNN's convolutions want.
-    """
-
-    def __init__(self, backbone: nn.Module, mean, std, pooling: str):
-        super().__init__()
-        self.backbone = backbone
-        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply-add.
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
-        self.pooling = pooling
-        self._weights: dict[tuple[int, int, str], torch.Tensor] = {}
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
-        maps = self.backbone(x)
-        return torch.cat([self.pool(m.float()) for m in maps], dim=1)
-
-    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "avg":
-            return fmap.mean(dim=(2, 3))
-        h, w = (int(s) for s in fmap.shape[-2:])
-        key = (h, w, str(fmap.device))
-        if key not in self._weights:
-            self._weights[key] = torch.from_numpy(center_weights(h, w)).to(fmap.device)
-        return torch.einsum("bchw,hw->bc", fmap, self._weights[key])
-
-
 Runner = Callable[[Any], np.ndarray]  # uint8 (B, H, W, 3) numpy array or tensor -> (B, raw_dim) float32
+
+_TORCH_NAMES = {"PixelsToFeatures", "TorchRunner", "export_onnx"}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-side names (:mod:`lookalike.graph`), imported only when asked for."""
+    if name in _TORCH_NAMES:
+        from . import graph
+
+        return getattr(graph, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _host(pixels: Any) -> Any:
+    """A torch tensor as a numpy array (without importing torch for the arrays that already are)."""
+    if not isinstance(pixels, np.ndarray) and hasattr(pixels, "cpu"):
+        return pixels.cpu().numpy()
+    return pixels
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_version() -> str:
+    """The installed PyTorch's version, read from its metadata (importing torch takes a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        return "none"
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_runtime(runtime: str, device: str, precision: str) -> str:
+    """``auto``: the fastest installed runtime that runs this device and precision with the reference vectors.
+
+    OpenVINO (CPU; fp32, bf16, int8), else ONNX Runtime (CPU; fp32, int8), else PyTorch. A CUDA device or fp16
+    means PyTorch. Any other name is returned as it is.
+    """
+    if runtime != "auto":
+        return runtime
+    if device.startswith("cuda") or precision == "fp16":
+        return "torch"
+    if installed("openvino"):
+        return "openvino"
+    if precision != "bf16" and installed("onnxruntime"):
+        return "onnx"
+    if precision == "int8":
+        raise RuntimeError(
+            "precision='int8' needs OpenVINO or ONNX Runtime, and neither is installed: pip install openvino"
+        )
+    return "torch"
+
+
+def network_threads(cores: int, concurrent: int) -> int:
+    """Threads for each of ``concurrent`` searches so that together they never ask for more than ``cores``."""
+    return max(1, cores // max(1, concurrent))
+
+
+def server_settings(settings):
+    """``settings`` for a server that runs ``max_concurrent_searches`` searches at once: with ``threads`` unset,
+    each search's network gets its share of the cores (slots x threads <= cores) instead of every core each,
+    which under load made the searches fight for the cores. An explicit ``threads`` is kept."""
+    if settings.threads is not None:
+        return settings
+    threads = network_threads(default_threads(), settings.max_concurrent_searches)
+    logger.info(
+        "network threads per search: %d (%d cores, %d concurrent searches)",
+        threads,
+        default_threads(),
+        settings.max_concurrent_searches,
+    )
+    out = settings.replace(threads=threads)
+    object.__setattr__(out, "_explicit", settings.explicit)  # sized here, not set by the user
+    return out
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -103,33 +147,6 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class TorchRunner:
-    """Eager PyTorch: ``inference_mode``, channels_last; fp16/bf16 through autocast."""
-
-    name = "torch"
-
-    def __init__(self, graph: PixelsToFeatures, device: str, precision: str, threads: int | None = None):
-        if threads is not None and not device.startswith("cuda"):
-            torch.set_num_threads(threads)  # process-wide: the setting says how many cores the network gets
-        if device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # one input size: let cuDNN pick its fastest kernels once
-        self.graph = graph.to(device, memory_format=torch.channels_last)
-        self.device = device
-        self.precision = precision
-        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-
-    def __call__(self, pixels) -> np.ndarray:
-        with torch.inference_mode():
-            x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.require(pixels, None, "CW"))
-            x = x.to(self.device, non_blocking=True)
-            if self._dtype is None:
-                out = self.graph(x)
-            else:
-                with torch.autocast(torch.device(self.device).type, dtype=self._dtype):
-                    out = self.graph(x)
-            return out.float().cpu().numpy()
-
-
 class OnnxRunner:
     """ONNX Runtime on the CPU (or CUDA with onnxruntime-gpu). ``InferenceSession.run`` is thread-safe."""
 
@@ -143,6 +160,10 @@ class OnnxRunner:
         options.intra_op_num_threads = threads or 0  # 0: one per physical core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle threads sleep instead of spinning: a spinning pool burns the cores that concurrent searches and
+        # other processes need (measured: query p50 8x slower beside two busy processes with spinning threads).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -155,8 +176,7 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
 
     def __call__(self, pixels) -> np.ndarray:
-        if isinstance(pixels, torch.Tensor):
-            pixels = pixels.cpu().numpy()
+        pixels = _host(pixels)
         return self.session.run(None, {_INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
 
@@ -174,6 +194,9 @@ class OpenVinoRunner:
         self._config: dict[str, Any] = {
             # Explicit: on CPUs with bf16 instructions OpenVINO would otherwise compute fp32 models in bf16.
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            # Threads float between cores: pinned threads wait for a core another process holds. (OpenVINO's CPU
+            # plugin has no spin-wait setting; its TBB workers sleep when idle.)
+            "ENABLE_CPU_PINNING": False,
         }
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -185,8 +208,7 @@ class OpenVinoRunner:
         self._streams_lock = threading.Lock()
 
     def __call__(self, pixels) -> np.ndarray:
-        if isinstance(pixels, torch.Tensor):
-            pixels = pixels.cpu().numpy()
+        pixels = _host(pixels)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         if len(pixels) >= self.SPLIT_FROM:
             return self._split(pixels)
@@ -225,36 +247,10 @@ class OpenVinoRunner:
 
 def model_file(cache_dir: Path, identity: dict[str, Any], precision: str) -> Path:
     """Where the exported graph of this model (and precision) is kept."""
-    blob = repr(sorted(identity.items())) + f"|graph{GRAPH_VERSION}|opset{ONNX_OPSET}|{torch.__version__}"
+    blob = repr(sorted(identity.items())) + f"|graph{GRAPH_VERSION}|opset{ONNX_OPSET}|{_torch_version()}"
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     suffix = f"int8-{CALIBRATION_VERSION}" if precision == "int8" else "fp32"
     return Path(cache_dir) / "models" / f"{identity['model_name']}-{key}-{suffix}.onnx"
-
-
-def export_onnx(graph: PixelsToFeatures, input_size: int, path: Path) -> Path:
-    """The graph as ONNX (fp32, any batch size, this input size), written atomically to ``path``."""
-    import io
-
-    graph = graph.to("cpu").eval()
-    example = torch.zeros((2, input_size, input_size, 3), dtype=torch.uint8)
-    buf = io.BytesIO()
-    with torch.no_grad():
-        graph(example)  # makes the pooling weights, so that the trace sees them as constants
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            graph,
-            (example,),
-            buf,
-            input_names=[_INPUT],
-            output_names=[_OUTPUT],
-            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def calibration_pixels(input_size: int, resample) -> np.ndarray:
@@ -348,7 +344,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> P
 
 
 def build_runner(
-    graph: PixelsToFeatures,
+    graph: Any = None,
     *,
     runtime: str,
     precision: str,
@@ -358,10 +354,21 @@ def build_runner(
     cache_dir: Path,
     identity: dict[str, Any],
     resample=None,
+    make_graph: Callable[[], Any] | None = None,
 ) -> Runner:
-    """The runner for these settings; exports (and quantizes) the graph on first use, then reuses the files."""
+    """The runner for these settings; exports (and quantizes) the graph on first use, then reuses the files.
+
+    ``graph`` (a :class:`~lookalike.graph.PixelsToFeatures`) or ``make_graph`` (which builds it) is needed only
+    for runtime torch or when the model has not been exported yet: an exported model runs without torch.
+    """
+
+    def the_graph():
+        return graph if graph is not None else make_graph()
+
     if runtime == "torch":
-        return TorchRunner(graph, device, precision, threads)
+        from .graph import TorchRunner
+
+        return TorchRunner(the_graph(), device, precision, threads)
     if runtime == "openvino" and device.startswith("cuda"):
         raise ValueError("runtime='openvino' runs on the CPU; use device=cpu, or runtime=torch on a GPU")
     fp32_path = model_file(cache_dir, identity, "fp32")
@@ -371,18 +378,26 @@ def build_runner(
     for attempt in (0, 1):
         try:
             if not fp32_path.is_file() and (precision != "int8" or not path.is_file()):
-                logger.info("exporting %s to ONNX (%s), once", identity["model_name"], fp32_path)
-                export_onnx(graph, input_size, fp32_path)
+                from .graph import export_onnx
+
+                logger.warning(
+                    "exporting %s for %s to %s (once; later runs reuse it)", identity["model_name"], runtime, fp32_path
+                )
+                export_onnx(the_graph(), input_size, fp32_path)
             if precision == "int8" and not path.is_file():
-                logger.info("quantizing %s to INT8 on %s photos, once", identity["model_name"], CALIBRATION_VERSION)
+                logger.warning(
+                    "quantizing %s to INT8 on %s photos (once; later runs reuse it)",
+                    identity["model_name"],
+                    CALIBRATION_VERSION,
+                )
                 quantize_int8(fp32_path, path, calibration_pixels(input_size, resample))
             if runtime == "onnx":
                 return OnnxRunner(path, device, threads)
             return OpenVinoRunner(path, precision, threads)
         except ImportError as exc:
             raise RuntimeError(
-                f"runtime={runtime!r} needs the optional packages of lookalike[fast] ({exc.name} is missing): "
-                "pip install 'lookalike[fast]', or use runtime=torch"
+                f"runtime={runtime!r} at {precision} needs {exc.name}, which is missing: pip install "
+                f"{'openvino' if exc.name == 'openvino' else repr('lookalike[fast]')}, or use runtime=torch"
             ) from None
         except Exception as exc:  # the runtimes raise their own types for a file they cannot read
             if attempt or not path.is_file():

@@ -8,6 +8,8 @@ defaults < ``configs/configs.yaml`` (or ``LOOKALIKE_CONFIG`` / an explicit ``con
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -17,13 +19,16 @@ from typing import Any
 
 import yaml
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "LOOKALIKE_"
 DEFAULT_CONFIG_FILE = Path("configs/configs.yaml")
 METRICS = ("cosine", "l2")
 POOLINGS = ("center", "avg")
-RUNTIMES = ("torch", "onnx", "openvino")  # what runs the network (lookalike.runtime)
+RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the network (lookalike.runtime); auto: fastest installed
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 _RUNTIME_PRECISIONS = {
+    "auto": ("auto", "fp32", "fp16", "bf16", "int8"),  # lookalike.runtime.resolve_runtime picks one that runs it
     "torch": ("auto", "fp32", "fp16", "bf16"),
     "onnx": ("auto", "fp32", "int8"),
     "openvino": ("auto", "fp32", "bf16", "int8"),
@@ -50,7 +55,7 @@ class Settings:
     model_name: str = "efficientnet_lite0"
     similarity_metric: str = "cosine"
     pooling: str = "center"  # "center": centre-weighted average of the feature map; "avg": plain average
-    tune: bool = False  # build_index fits a projection on the catalog's own product labels (lookalike tune)
+    tune: bool = True  # build_index fits a projection on the catalog's own product labels (lookalike tune)
     data_dir: Path = Path("data")
     cache_dir: Path = Path("cache")
     index_file: Path | None = None  # default: <cache_dir>/index.faiss
@@ -58,7 +63,7 @@ class Settings:
     weights_path: Path | None = None  # a local checkpoint instead of the backbone's standard weights
     pretrained: bool = True  # False builds random weights (speed benchmarks only), with a warning
     num_workers: int = 2  # image decoding threads that run beside inference
-    runtime: str = "torch"  # torch, onnx (ONNX Runtime) or openvino: what runs the network
+    runtime: str = "auto"  # auto (OpenVINO, else ONNX Runtime, else torch), torch, onnx or openvino
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16, int8 (static quantization)
     threads: int | None = None  # threads the network may use; None: the runtime's default (one per core)
     index_type: str = "auto"  # auto: exact below exact_below images, approximate above; or a FAISS factory string
@@ -91,6 +96,7 @@ class Settings:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 values[name] = raw
+        _warn_unknown_environment(env)
         unknown = sorted(set(overrides) - set(_field_names()))
         if unknown:
             raise SettingsError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(_field_names())}")
@@ -99,6 +105,14 @@ class Settings:
         for f in fields(self):
             object.__setattr__(self, f.name, resolved.get(f.name, f.default))
         object.__setattr__(self, "config_file", Path(config_file) if config_file is not None else None)
+        object.__setattr__(self, "_explicit", frozenset(values))
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """The settings given a value by the config file, a ``LOOKALIKE_*`` variable or a keyword (a CLI flag);
+        every other setting holds its default. :func:`adopt_recorded` lets an index's recorded values replace
+        defaults only."""
+        return self._explicit  # type: ignore[attr-defined]
 
     # Derived paths, so that a changed cache_dir moves everything with it.
     @property
@@ -122,6 +136,7 @@ class Settings:
         current.update(changes)
         out = Settings(config_file=None, environ={}, **current)
         object.__setattr__(out, "config_file", self.config_file)  # still where these values came from
+        object.__setattr__(out, "_explicit", self.explicit | set(changes))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,3 +359,224 @@ _INDEX_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_,.()x=+]{0,199}$")
 def settings_fields() -> list[dataclasses.Field]:
     """The user-facing settings, in declaration order (the CLI builds its flags from these)."""
     return [f for f in fields(Settings) if f.name != "config_file"]
+
+
+# --- descriptions (the CLI's --help and the README's settings table) --------------------------------------------
+
+DESCRIPTIONS: dict[str, str] = {
+    "device": "where the network runs: cpu, cuda, cuda:<n> or auto (a GPU when PyTorch sees one)",
+    "img_size": "side of the square the model sees, in pixels",
+    "batch_size": "images per network call while indexing",
+    "embedding_dim": "length of the vectors; must agree with the model",
+    "model_name": "the backbone network that turns photos into vectors",
+    "similarity_metric": "cosine (angle between vectors) or l2 (distance)",
+    "pooling": "center (centre-weighted, best on product photos) or avg (plain average)",
+    "tune": "fit a projection on the catalog's own products when it helps (its held-out check decides)",
+    "data_dir": "the catalog folder: <data_dir>/<product_id>/<images>",
+    "cache_dir": "where the index, its manifest, cached vectors and exported models are kept",
+    "index_file": "base name of the index files: each build writes <stem>-<build id>.faiss beside it",
+    "metadata_file": "the index's manifest: the build's settings, the image list, checksums",
+    "weights_path": "a local checkpoint instead of the model's standard weights",
+    "pretrained": "false: random weights (speed benchmarks only)",
+    "num_workers": "image decoding threads beside the network",
+    "runtime": "what runs the network: auto (OpenVINO, else ONNX Runtime, else torch), torch, onnx, openvino",
+    "precision": "auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16 or int8",
+    "threads": "threads the network may use (the server divides the cores between its searches)",
+    "index_type": "auto (exact for small catalogs, approximate for large) or a FAISS factory string",
+    "exact_below": "with index_type auto: catalogs smaller than this get exact search",
+    "max_image_pixels": "larger images are refused (decompression bombs)",
+    "host": "the address the server listens on (0.0.0.0: every interface)",
+    "port": "the port the server listens on",
+    "admin_token": "bearer token that allows catalog changes over HTTP (unset: disabled)",
+    "max_upload_bytes": "larger request bodies are answered 413",
+    "max_concurrent_searches": "searches the server runs at once",
+    "search_queue_size": "searches that may wait for a slot; beyond that the server answers 503",
+    # Settings that the store/executor work adds; described here so the CLI has a line for each.
+    "store": "where vectors are kept: faiss (a file in cache_dir) or milvus",
+    "milvus_uri": "the Milvus server or Milvus Lite file to use with store milvus",
+    "collection": "the Milvus collection that holds this catalog",
+    "executor": "what runs a large build: local or ray",
+    "ray_address": "the Ray cluster to use with executor ray (default: a local one)",
+}
+
+
+def describe_setting(name: str) -> str:
+    """One line about a setting, for ``--help`` and the README."""
+    return DESCRIPTIONS.get(name, name.replace("_", " "))
+
+
+# What an unset (None) default means, in words.
+DEFAULT_TEXT = {
+    "img_size": "the model's own",
+    "embedding_dim": "the model's own",
+    "index_file": "<cache_dir>/index.faiss",
+    "metadata_file": "<cache_dir>/metadata.json",
+    "threads": "one per core",
+}
+
+
+def default_text(name: str) -> str | None:
+    """The default of a setting as a reader would write it (None: there is none)."""
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
+    value = next((f.default for f in settings_fields() if f.name == name), None)
+    if value is None:
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# --- unknown environment variables -----------------------------------------------------------------------------
+
+_NOT_SETTINGS = {"CONFIG", "GROCERY"}  # the YAML file; where benchmarks/ find the real photos
+_warned_env: set[str] = set()
+
+
+def _warn_unknown_environment(env: Mapping[str, str]) -> list[str]:
+    """A warning (once per process and name) for each ``LOOKALIKE_*`` variable that names no setting: a typo
+    there would otherwise be ignored in silence. Returns the unknown names."""
+    known = {name.upper() for name in _field_names()} | _NOT_SETTINGS
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :] not in known)
+    for key in unknown:
+        if key in _warned_env:
+            continue
+        _warned_env.add(key)
+        close = difflib.get_close_matches(key[len(ENV_PREFIX) :], sorted(known - _NOT_SETTINGS), n=1, cutoff=0.6)
+        hint = f"did you mean {ENV_PREFIX}{close[0]} (setting {close[0].lower()})?" if close else "no such setting"
+        logger.warning("environment variable %s is ignored: %s", key, hint)
+    return unknown
+
+
+# --- the settings an index records -----------------------------------------------------------------------------
+
+# Build-time values that decide the vectors or the catalog an index holds, in the order they are checked.
+RECORDED_SETTINGS = (
+    "data_dir",
+    "model_name",
+    "weights_path",
+    "pretrained",
+    "img_size",
+    "embedding_dim",
+    "pooling",
+    "similarity_metric",
+    "runtime",
+    "precision",
+    "tune",
+    "index_type",
+    "exact_below",
+    "store",
+    "milvus_uri",
+    "collection",
+)
+
+
+def adopt_recorded(settings: Settings, recorded: Mapping[str, Any]) -> Settings:
+    """The settings to open an index whose manifest recorded ``recorded`` (the build's ``Settings.to_dict()``).
+
+    The index is the source of truth: each recorded build-time value (:data:`RECORDED_SETTINGS`) replaces a
+    setting that was left at its default, so search / serve / stats need only the cache folder. A value set
+    explicitly (config file, ``LOOKALIKE_*`` variable, keyword or CLI flag) that contradicts the recorded one
+    raises :class:`SettingsError` naming both. Decided exceptions, where a different value does no harm:
+
+    - ``tune``: never a contradiction. A rebuild keeps the index's choice unless ``tune`` is set explicitly
+      (``tune: false`` turns tuning off, ``tune: true`` turns it on); loading reads the projection from the index.
+    - ``runtime``: at fp32 every runtime gives the same vectors (to float rounding), so the runtime is a matter
+      of speed: it is neither adopted nor checked, and ``auto`` picks the fastest. At int8 each runtime rounds
+      its own way: the recorded runtime is adopted and a different one is a contradiction.
+    - ``precision`` ``auto`` and ``fp32`` are the same on the CPU.
+    - ``img_size`` / ``embedding_dim`` unset mean the model's own value: unset and that value are the same.
+    - ``data_dir`` is compared as an absolute path; a relative recorded path (older indexes) is not adopted.
+
+    Settings the manifest does not record (older indexes, another store) are left as they are.
+    """
+    explicit = settings.explicit
+    known = set(_field_names())
+    changes: dict[str, Any] = {}
+    adopted: list[str] = []
+    given = {
+        k: v for k, v in recorded.items() if k in known and v is not None and (k in RECORDED_SETTINGS or k == "device")
+    }
+    try:
+        parsed = _validate(given)
+    except SettingsError as exc:
+        raise SettingsError(
+            f"the index at {settings.metadata_path} records settings this version cannot use: {exc}"
+        ) from None
+    for name in RECORDED_SETTINGS:
+        if name not in recorded or name not in known:
+            continue
+        value = parsed.get(name)
+        if name == "data_dir":
+            if value is None or not Path(value).is_absolute():
+                continue
+            current = Path(settings.data_dir).expanduser().resolve()
+            if name in explicit:
+                if current != Path(value):
+                    raise _contradiction(settings, name, value, current)
+            elif current != Path(value):
+                changes[name] = value
+                adopted.append(f"{name}={value}")
+            continue
+        if name == "runtime" and str(recorded.get("precision")) != "int8":
+            continue
+        if name == "tune":
+            if name not in explicit and value != settings.tune:
+                changes[name] = value
+            continue
+        current = getattr(settings, name)
+        if _same(name, value, current, settings, recorded):
+            continue
+        if name in explicit:
+            raise _contradiction(settings, name, value, current)
+        changes[name] = value
+        adopted.append(f"{name}={value}")
+    if not changes:
+        return settings
+    model = changes.get("model_name", settings.model_name)
+    if "embedding_dim" not in changes and settings.embedding_dim is not None and "model_name" in changes:
+        changes["embedding_dim"] = None  # follows the recorded model
+    if "tune" in changes:
+        logger.info("the index was built with tune=%s: kept (set tune explicitly to change it)", changes["tune"])
+    if adopted:
+        logger.info("settings from the index (%s): %s", model, ", ".join(adopted))
+    try:
+        out = settings.replace(**changes)
+    except SettingsError as exc:
+        raise SettingsError(f"the index's recorded settings do not combine with yours: {exc}") from None
+    object.__setattr__(out, "_explicit", explicit)  # adopted values are the index's, not the user's
+    return out
+
+
+def _effective(name: str, value: Any, model_name: str) -> Any:
+    from .backbones import get_backbone
+
+    if value is not None:
+        return value
+    if name == "img_size":
+        return get_backbone(model_name).input_size
+    if name == "embedding_dim":
+        return get_backbone(model_name).dim
+    return value
+
+
+def _same(name: str, recorded: Any, current: Any, settings: Settings, raw: Mapping[str, Any]) -> bool:
+    if recorded == current:
+        return True
+    if name in {"img_size", "embedding_dim"}:
+        model = str(raw.get("model_name", settings.model_name))
+        try:
+            return _effective(name, recorded, model) == _effective(name, current, settings.model_name)
+        except ValueError:
+            return False
+    if name == "precision":
+        cpu = not str(raw.get("device", settings.device)).startswith(("cuda", "auto"))
+        return cpu and {recorded, current} <= {"auto", "fp32"}
+    return False
+
+
+def _contradiction(settings: Settings, name: str, recorded: Any, current: Any) -> SettingsError:
+    where = settings.metadata_path
+    return SettingsError(
+        f"{name}: the index at {where} was built with {name}={recorded}, but your settings give {name}={current}. "
+        f"Leave {name} unset (flag, LOOKALIKE_{name.upper()}, config file) to use the index's value, or build a "
+        f"new index with {name}={current} in another cache_dir."
+    )

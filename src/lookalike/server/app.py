@@ -122,7 +122,9 @@ def create_app(
     if settings is None:
         settings = engine.settings if engine is not None else Settings()
     if engine is None:
-        engine = ImageSearchEngine(settings)
+        from ..runtime import server_settings  # searches x network threads <= cores
+
+        engine = ImageSearchEngine(server_settings(settings))
     state = ServerState(engine, settings, SearchGate(settings.max_concurrent_searches, settings.search_queue_size))
 
     @asynccontextmanager

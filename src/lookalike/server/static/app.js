@@ -26,6 +26,14 @@ async function errorText(response) {
   return `${response.status} ${response.statusText}`;
 }
 
+// After an error the old results no longer answer anything: they go, so they cannot be taken for the answer.
+function clearResults() {
+  const list = $("results");
+  list.replaceChildren();
+  delete list.dataset.query;
+  $("results-section").hidden = true;
+}
+
 async function call(url, options, onOk) {
   setBusy(true);
   try {
@@ -33,23 +41,45 @@ async function call(url, options, onOk) {
     if (!response.ok) {
       const text = await errorText(response);
       const retry = response.headers.get("Retry-After");
+      clearResults();
       setStatus(retry ? `${text} (try again in ${retry} s)` : text, true);
       return;
     }
     onOk(await response.json());
   } catch (err) {
+    clearResults();
     setStatus(`The server could not be reached (${err.message}).`, true);
   } finally {
     setBusy(false);
   }
 }
 
-function showPreview(file) {
+// The preview shows what the results are like: the photo searched with, or the product asked about.
+function setPreview(src, alt) {
   const img = $("preview");
-  if (img.src) URL.revokeObjectURL(img.src);
-  img.src = URL.createObjectURL(file);
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.alt = alt;
+  img.onerror = clearPreview; // a file the browser cannot draw (a PDF, a broken JPEG): no broken-image icon
+  img.src = src;
   img.hidden = false;
   $("drop").classList.add("has-photo");
+}
+
+function clearPreview() {
+  const img = $("preview");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.onerror = null;
+  img.removeAttribute("src");
+  img.hidden = true;
+  $("drop").classList.remove("has-photo");
+}
+
+function showPreview(file) {
+  if (file.type && !file.type.startsWith("image/")) {
+    clearPreview();
+    return;
+  }
+  setPreview(URL.createObjectURL(file), "your photo");
 }
 
 function searchPhoto(file) {
@@ -65,7 +95,8 @@ function searchPhoto(file) {
   });
 }
 
-function moreLike(productId) {
+function moreLike(productId, thumbnailUrl) {
+  if (thumbnailUrl) setPreview(thumbnailUrl, productId);
   const params = new URLSearchParams({ top_k: $("top-k").value });
   setStatus(`Looking for products like ${productId}…`);
   call(`products/${encodeURIComponent(productId)}/similar?${params}`, {}, (data) => {
@@ -105,7 +136,7 @@ function card(hit) {
   score.append(meter, number);
 
   button.append(img, rank, name, score);
-  button.addEventListener("click", () => moreLike(hit.product_id));
+  button.addEventListener("click", () => moreLike(hit.product_id, hit.thumbnail_url));
   const item = document.createElement("li");
   item.append(button);
   return item;
