@@ -239,10 +239,12 @@ def test_the_cli_marks_flags_explicit(tmp_path):
 
 
 def _opened(settings: Settings) -> Settings:
-    """What ImageSearchEngine.load_index / build_index are to do first: adopt the index's recorded settings."""
-    from lookalike.store import read_index
+    """The settings an engine runs with once it has opened the index in ``settings.cache_dir``."""
+    from lookalike import ImageSearchEngine
 
-    return adopt_recorded(settings, read_index(settings).manifest["settings"])
+    engine = ImageSearchEngine(settings)
+    engine.load_index()
+    return engine.settings
 
 
 def test_an_index_opened_from_another_folder_with_only_its_cache_dir(tmp_path, monkeypatch, catalog):
@@ -269,7 +271,9 @@ def test_a_flag_that_contradicts_the_index_is_one_error_before_any_work(tmp_path
     from lookalike import ImageSearchEngine
 
     ImageSearchEngine(make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path)).build_index(progress=False)
-    with pytest.raises(SettingsError, match=r"^pooling: .*pooling=center.*pooling=avg"):
+    from lookalike import IndexMismatchError
+
+    with pytest.raises(IndexMismatchError, match=r"^pooling: .*pooling=center.*pooling=avg"):
         _opened(make(cache_dir=tmp_path, pooling="avg"))
 
 
@@ -277,6 +281,10 @@ def test_a_rebuild_keeps_the_indexs_tuning_choice(tmp_path, catalog):
     from lookalike import ImageSearchEngine
 
     ImageSearchEngine(make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path, tune=False)).build_index()
-    rebuilt = _opened(make(cache_dir=tmp_path))  # a plain `lookalike index` later: tune left at its default
-    assert rebuilt.tune is False
-    assert _opened(make(cache_dir=tmp_path, tune=True)).tune is True  # unless told otherwise
+    rebuilt = ImageSearchEngine(make(cache_dir=tmp_path))  # a plain `lookalike index` later: tune left unset
+    rebuilt.build_index(progress=False)
+    assert rebuilt.settings.tune is False
+    assert rebuilt.get_statistics()["tuning"] == "off"
+    told = ImageSearchEngine(make(cache_dir=tmp_path, tune=True))  # unless told otherwise
+    told.build_index(progress=False)
+    assert told.settings.tune is True

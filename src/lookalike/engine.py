@@ -24,7 +24,7 @@ from . import edits, files, ranking
 from .cache import EmbeddingCache, embed_with_cache
 from .imaging import ImageError, ImageSource, describe
 from .manifest import IndexMismatchError, check_model, index_statistics, load_adaptation
-from .settings import Settings, adopt_recorded
+from .settings import Settings, SettingsError, adopt_recorded
 from .store import DataManager
 from .stores import VectorStore, open_store, search_device
 from .stores.base import IndexFileError, StoreInfo
@@ -126,13 +126,21 @@ class ImageSearchEngine:
         """The seed's DataManager, sharing this engine's embedding cache."""
         return DataManager(self.settings, fingerprint=self.extractor.fingerprint)
 
-    def _open(self, manifest_settings: bool) -> VectorStore:
+    def _open(self, manifest_settings: bool, *, rebuild: bool = False) -> VectorStore:
         """Open the configured store; adopt the settings its manifest recorded (the index is the source of truth)."""
         device = self._extractor.device if self._extractor is not None else search_device(self.settings)
         store = open_store(self.settings, metric=self.settings.similarity_metric, device=device)
         recorded = (store.manifest() or {}).get("settings")
         if manifest_settings and recorded:
-            adopted = adopt_recorded(self.settings, recorded)
+            try:
+                adopted = adopt_recorded(self.settings, recorded)
+            except SettingsError as exc:
+                if not rebuild:  # opening: a setting that contradicts the index is an error naming both values
+                    raise IndexMismatchError(str(exc)) from exc
+                # rebuilding: what the user set explicitly wins (a new index); the rest still follows the old one
+                logger.info("rebuilding with other settings than the index had: %s", exc)
+                mine = {k: v for k, v in recorded.items() if k not in self.settings.explicit}
+                adopted = adopt_recorded(self.settings, mine)
             if adopted != self.settings and getattr(self._extractor, "settings", None) is self.settings:
                 self._extractor = None  # made again, from the adopted settings
             self.settings = adopted
@@ -176,7 +184,7 @@ class ImageSearchEngine:
         fatal. All or nothing: on failure the index and the cache are as before.
         """
         with files.catalog_lock(self.settings.cache_dir):
-            store = self._open(manifest_settings=True)
+            store = self._open(manifest_settings=True, rebuild=True)
             return edits.rebuild(self, store, force=force_rebuild, tune=tune, progress=progress)
 
     def load_index(self) -> None:
