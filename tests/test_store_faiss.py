@@ -174,3 +174,22 @@ def test_open_store_gives_faiss_by_default_and_names_unknown_ones(make_settings,
     store = open_store(settings, metric="cosine")
     assert isinstance(store, FaissStore) and store.describe().backend == "faiss" and store.count() == 0
     assert settings.milvus_uri is None and settings.collection == "lookalike" and settings.executor == "local"
+
+
+# --- the contract every store passes (tests/store_contract.py), unchanged ---------------------------------------
+
+from store_contract import DIM as CONTRACT_DIM  # noqa: E402
+from store_contract import StoreContract  # noqa: E402
+
+
+class TestFaissStoreContract(StoreContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def make_store(cls, tmp_path_factory):
+        root = tmp_path_factory.mktemp("faiss-contract")
+
+        def make(name, *, metric="cosine", dim=CONTRACT_DIM):
+            folder = root / name
+            return FaissStore(folder / "index.faiss", folder / "metadata.json", metric=metric, dim=dim)
+
+        return make

@@ -21,7 +21,10 @@ from store_contract import DIM, StoreContract, clustered
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'lookalike[scale]')")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install 'lookalike[scale]')")
 
-from lookalike.stores.base import StoreError  # noqa: E402
+from lookalike.stores.base import (
+    StoreError,  # noqa: E402
+    StoreMismatchError,  # noqa: E402
+)
 from lookalike.stores.milvus import MilvusStore  # noqa: E402
 from lookalike.stores.milvus_support import milvus_index, native_grouping, public_uri, quote  # noqa: E402
 
@@ -116,6 +119,12 @@ def test_client_side_grouping_widens_until_k_products(lite_uri):
 def test_missing_collection_without_dim_says_what_to_do(lite_uri):
     with pytest.raises(StoreError, match="does not exist.*lookalike index"):
         MilvusStore(lite_uri, "never_built")
+
+
+def test_a_collection_of_another_metric_is_refused(lite_uri):
+    MilvusStore(lite_uri, "metric_cosine", metric="cosine", dim=DIM).close()
+    with pytest.raises(StoreMismatchError):
+        MilvusStore(lite_uri, "metric_cosine", metric="l2", dim=DIM)
 
 
 def test_bad_names_are_refused(lite_uri):

@@ -39,6 +39,10 @@ class IndexFileError(StoreError):
     """The stored index is missing or damaged (a file, its checksum, its metadata); the message names the file."""
 
 
+class StoreInputError(StoreError, ValueError):
+    """The caller gave rows a store cannot take: counts that disagree, missing fields, another dimension."""
+
+
 class StoreMismatchError(StoreError):
     """The store holds vectors built with another model, weights, preprocessing or metric than asked for."""
 
@@ -101,6 +105,11 @@ class VectorStore(Protocol):
 
     def set_manifest(self, manifest: Mapping[str, Any]) -> None:
         """Store the manifest with the vectors (saved with the next write, or at once where no write follows)."""
+        ...
+
+    def commit(self) -> None:
+        """Make a manifest given to :meth:`set_manifest` durable without writing any vector (a no-op where
+        :meth:`set_manifest` is durable by itself)."""
         ...
 
     # --- writing --------------------------------------------------------------------------------------------

@@ -30,7 +30,15 @@ import numpy as np
 
 from .. import files
 from ..ranking import similarity_from_distance
-from .base import REQUIRED_FIELDS, IndexFileError, StoreError, StoreHit, StoreInfo
+from .base import (
+    REQUIRED_FIELDS,
+    IndexFileError,
+    StoreError,
+    StoreHit,
+    StoreInfo,
+    StoreInputError,
+    StoreMismatchError,
+)
 from .faiss_index import DEFAULT_EXACT_BELOW, INDEX_AUTO, METRIC_L2, VectorIndex, choose_index
 
 logger = logging.getLogger(__name__)
@@ -123,6 +131,11 @@ class FaissStore:
         self._stamp: tuple | None = None
         if self.metadata_path is not None and self.metadata_path.is_file():
             self._load()
+            if dim is not None and dim != self.dim:
+                raise StoreMismatchError(
+                    f"the index at {self.metadata_path} holds {self.dim}-d vectors, not {dim}-d: "
+                    "open it without a dimension, or build a new index in another cache_dir"
+                )
 
     # --- state ----------------------------------------------------------------------------------------------
 
@@ -162,10 +175,16 @@ class FaissStore:
         self.metric, self.dim = manifest["metric"], index.dim
         self._set_rows(ids, fields)
 
+    def _check_dim(self, vectors: np.ndarray) -> None:
+        dim = self._index.dim if self._index is not None else self.dim
+        if dim is not None and vectors.shape[-1] != dim:
+            raise StoreInputError(f"vectors of dimension {vectors.shape[-1]} given to an index of dimension {dim}")
+
     # --- identity -------------------------------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any] | None:
-        return self._manifest
+        """The committed manifest, or the one given to :meth:`set_manifest` and not saved yet."""
+        return dict(self._pending) if self._pending is not None else self._manifest
 
     def set_manifest(self, manifest: Mapping[str, Any]) -> None:
         """Saved with the next write (``upsert`` / ``delete`` / ``replace_all``), or at once when this store
@@ -183,6 +202,7 @@ class FaissStore:
         ids, fields = list(ids), [dict(f) for f in fields]
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         _check_rows(ids, vectors, fields)
+        self._check_dim(vectors)
         with self._lock.write():
             self._edit(lambda: self._upsert(ids, vectors, fields))
 
@@ -299,6 +319,7 @@ class FaissStore:
         if where is not None:
             raise StoreError("the faiss store does not filter (where=...); use store: milvus for filtered search")
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        self._check_dim(vectors)
         with self._lock.read():
             n = self.count()
             if n == 0 or k < 1:
@@ -486,11 +507,13 @@ def _index_info(index: VectorIndex | None, previous: dict[str, Any] | None) -> d
 
 def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:
     if not (len(ids) == len(vectors) == len(fields)):
-        raise StoreError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows: give one of each")
+        raise StoreInputError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows: give one of each")
     for f in fields:
         missing = [k for k in REQUIRED_FIELDS if k not in f]
         if missing:
-            raise StoreError(f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})")
+            raise StoreInputError(
+                f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})"
+            )
 
 
 def _remove_old_generations(index_path: Path, keep: set[Path]) -> None:

@@ -225,6 +225,9 @@ class MilvusStore:
         except ValueError as exc:
             raise StoreError(f"the manifest of {self.collection!r} at {self.location} is damaged: {exc}") from exc
 
+    def commit(self) -> None:
+        """Nothing is pending: :meth:`set_manifest` is durable when it returns."""
+
     def set_manifest(self, manifest: Mapping[str, Any]) -> None:
         text = json.dumps(dict(manifest), sort_keys=True, ensure_ascii=False)
         chunks = [text[i : i + CHUNK // 4] for i in range(0, len(text), CHUNK // 4)] or [""]  # 4 bytes/char at most
