@@ -116,15 +116,22 @@ def test_client_side_grouping_widens_until_k_products(lite_uri):
     native.close()
 
 
-def test_missing_collection_without_dim_says_what_to_do(lite_uri):
-    with pytest.raises(StoreError, match="does not exist.*lookalike index"):
-        MilvusStore(lite_uri, "never_built")
-
-
-def test_a_collection_of_another_metric_is_refused(lite_uri):
+def test_a_collection_keeps_its_metric_and_refuses_another_dimension(lite_uri):
     MilvusStore(lite_uri, "metric_cosine", metric="cosine", dim=DIM).close()
+    store = MilvusStore(lite_uri, "metric_cosine", metric="l2")  # as the FAISS store: the stored metric wins
+    assert store.metric == "cosine" and store.describe().metric == "cosine"
+    store.close()
     with pytest.raises(StoreMismatchError):
-        MilvusStore(lite_uri, "metric_cosine", metric="l2", dim=DIM)
+        MilvusStore(lite_uri, "metric_cosine", dim=DIM + 1)
+
+
+def test_a_missing_collection_opened_without_dimension_is_empty_until_written(lite_uri):
+    store = MilvusStore(lite_uri, "made_by_first_write")
+    assert (store.count(), store.manifest(), store.ids(), store.fetch(["x"])) == (0, None, [], {})
+    assert store.search(np.ones((1, DIM), np.float32), 3) == [[]]
+    store.upsert(["a"], np.ones((1, DIM), np.float32), [{"product_id": "p", "path": "p/a.jpg", "format": "JPEG"}])
+    assert store.count() == 1 and store.describe().dim == DIM
+    store.close()
 
 
 def test_bad_names_are_refused(lite_uri):

@@ -100,14 +100,11 @@ class MilvusStore:
             raise self._unreachable(exc, token) from exc
         self.native_grouping = native_grouping(self.server_version) if grouping == "auto" else grouping == "native"
         self._generation: str | None = None
+        self._kind, self._index_params = "FLAT", {}
+        self.dim: int | None = None  # None until the collection exists (made by the first write)
         if self._client.has_collection(collection):
             self._open(dim)
-        elif dim is None:
-            raise StoreError(
-                f"Milvus collection {collection!r} does not exist at {self.location} and no dimension was given to "
-                "create it: build the index first (lookalike index) or check milvus_uri / collection"
-            )
-        else:
+        elif dim is not None:
             self.dim = int(dim)
             self._create(collection, milvus_index(index_type, 0, exact_below), 0)
         self._ensure_manifest_collection()
@@ -185,11 +182,10 @@ class MilvusStore:
             )
         index = self._client.describe_index(self.collection, "vector")
         have = {"IP": "cosine", "L2": "l2", "COSINE": "cosine"}.get(str(index.get("metric_type")), "?")
-        if have != self.metric:
-            raise StoreMismatchError(
-                f"Milvus collection {self.collection!r} at {self.location} was built for metric {have!r}, not "
-                f"{self.metric!r}: rebuild it (lookalike index) or set similarity_metric: {have}"
-            )
+        if have != self.metric and have != "?":
+            # Like the FAISS store: the collection's metric wins; the engine refuses settings that contradict it.
+            log.debug("Milvus collection %r uses metric %s (asked: %s)", self.collection, have, self.metric)
+            self.metric = have
         self._kind = str(index.get("index_type", "FLAT"))
         self._index_params = {k: index[k] for k in ("nlist", "M", "efConstruction") if k in index}
 
@@ -253,8 +249,16 @@ class MilvusStore:
         return changed
 
     # --- writing --------------------------------------------------------------------------------------------
+    @property
+    def _missing(self) -> bool:
+        """No collection yet (opened without a dimension before any build): reads are empty, writes make it."""
+        return self.dim is None
+
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
+        if self._missing and vectors.ndim == 2:
+            self.dim = int(vectors.shape[1])
+            self._create(self.collection, milvus_index(self.index_type, 0, self.exact_below), 0)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"vectors of shape {vectors.shape} do not fit the collection's dimension {self.dim}")
         if self.metric == "cosine":
@@ -290,6 +294,8 @@ class MilvusStore:
             self._bump()
 
     def delete(self, ids: Sequence[str] = (), *, product_id: str | None = None) -> int:
+        if self._missing:
+            return 0
         targets = set(self._existing(ids))
         if product_id is not None:
             targets |= set(self.ids(product_id=product_id))
@@ -368,6 +374,8 @@ class MilvusStore:
         group_by_product: bool = False,
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
+        if self._missing:
+            return [[] for _ in np.atleast_2d(vectors)]
         queries = self._prepare(np.atleast_2d(vectors))
         if k <= 0 or len(queries) == 0:
             return [[] for _ in queries]
@@ -418,6 +426,8 @@ class MilvusStore:
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
+        if self._missing:
+            return out
         wanted = list(dict.fromkeys(str(i) for i in ids))
         fields = [*FIELDS, "vector"] if with_vectors else list(FIELDS)
         for start in range(0, len(wanted), BATCH):
@@ -433,6 +443,8 @@ class MilvusStore:
     def _scan(self, filter_: str, fields: list[str]) -> list[dict]:
         """Every matching row: one query on Milvus Lite (it has no limit and no iterator timestamps), a query
         iterator on a server (whose queries stop at 16,384 rows)."""
+        if self._missing:
+            return []
         if is_lite(self.uri):
             return list(self._client.query(self.collection, filter=filter_, output_fields=fields))
         iterator = self._client.query_iterator(self.collection, batch_size=4096, filter=filter_, output_fields=fields)
@@ -449,6 +461,8 @@ class MilvusStore:
         return [str(r["id"]) for r in self._scan(filter_, ["id"])]
 
     def count(self) -> int:
+        if self._missing:
+            return 0
         rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -464,7 +478,7 @@ class MilvusStore:
                  "grouping": "native" if self.native_grouping else "client"}  # fmt: skip
         return StoreInfo(
             "milvus", self.location, count, len(self.product_counts()), self.dim, self.metric, self._kind,
-            count * self.dim * 4, extra,
+            count * (self.dim or 0) * 4, extra,
         )  # fmt: skip
 
     def close(self) -> None:
