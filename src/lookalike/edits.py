@@ -113,12 +113,12 @@ def in_memory(settings, extractor, raw: np.ndarray, paths: list[str], product_id
     """(store, adaptation) over already extracted raw vectors, in memory only (evaluation): nothing is written.
     ``paths`` are relative to ``settings.data_dir``."""
     from .manifest import build_manifest
-    from .stores.faiss import FaissStore
+    from .stores import open_scratch_store
     from .tuning import adapt
 
     adaptation = adapt(raw, np.array(product_ids, dtype=object), extractor.dim, tune=tune)
     metric = settings.similarity_metric
-    store = FaissStore(None, metric=metric, index_type=settings.index_type, exact_below=settings.exact_below)
+    store = open_scratch_store(settings, metric=metric, dim=extractor.dim)
     store.set_manifest(build_manifest(settings, extractor, adaptation, [], None))
     fields = [{"product_id": p, "path": r, "format": ""} for p, r in zip(product_ids, paths)]
     store.replace_all([image_id_for(r) for r in paths], adaptation.transform(raw, extractor.dim), fields)

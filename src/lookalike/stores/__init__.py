@@ -64,7 +64,34 @@ def open_store(settings: Any, *, metric: str, dim: int | None = None, device: st
     )
 
 
+def open_scratch_store(settings: Any, *, metric: str, dim: int) -> VectorStore:
+    """A store for an evaluation, never the catalog's own: FAISS in memory, or with ``store: milvus`` the
+    collection ``<collection>__eval`` on the configured server, or a Milvus Lite file in a temporary folder
+    (removed at exit) when no server is configured."""
+    if getattr(settings, "store", "faiss") != "milvus":
+        from .faiss import FaissStore
+
+        return FaissStore(None, metric=metric, index_type=settings.index_type, exact_below=settings.exact_below)
+    import atexit
+    import shutil
+    import tempfile
+
+    from .milvus import MilvusStore
+    from .milvus_support import is_lite
+
+    uri = getattr(settings, "milvus_uri", None)
+    if not uri or is_lite(uri):
+        folder = tempfile.mkdtemp(prefix="lookalike-eval-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        uri = os.path.join(folder, "eval.db")
+    return MilvusStore(
+        uri, f"{settings.collection}__eval", metric=metric, dim=dim, token=os.environ.get("LOOKALIKE_MILVUS_TOKEN"),
+        index_type=settings.index_type, exact_below=settings.exact_below,
+    )  # fmt: skip
+
+
 __all__ = [
+    "open_scratch_store",
     "REQUIRED_FIELDS",
     "IndexFileError",
     "StoreError",
