@@ -221,6 +221,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise HTTPException(
                 image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}"
             ) from None
+        except write_error_names() as exc:  # spooling the upload to disk failed
+            raise write_failed(exc, "receive the photo") from None
         finally:
             place.release()  # no-op once the search holds it: its thread gives it back
             if len(photo) > TRIM_AFTER_BYTES:
@@ -314,7 +316,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """Add photos to a product (a new product is created): copied into the catalog, indexed and saved."""
         require_ready()
         product_id = _product_id(product_id)
-        photos = await receive_uploads(request, settings.max_upload_bytes, many=True)
+        try:
+            photos = await receive_uploads(request, settings.max_upload_bytes, many=True)
+        except write_error_names() as exc:  # spooling the upload to disk failed
+            raise write_failed(exc, "receive the photos") from None
         try:
             out = await run_in_threadpool(_add_photos, engine, settings, product_id, photos)
         finally:
@@ -431,38 +436,43 @@ def _product_id(product_id: str) -> str:
 def _add_photos(engine: ImageSearchEngine, settings: Settings, product_id: str, photos: list[Upload]) -> dict:
     """Check each photo, copy it from its spooled upload under its own (sanitised) file name, or a name made from
     its content when the client gave none, and add them. A failed write answers 507/503, never 500."""
-    with tempfile.TemporaryDirectory(prefix="lookalike-upload-") as tmp:
-        paths, seen = [], set()
-        try:
-            for n, photo in enumerate(photos, start=1):
-                photo.file.seek(0)
-                digest = hashlib.file_digest(photo.file, "sha256").hexdigest()
-                if digest in seen:  # the same photo twice in one request is one photo
-                    continue
-                seen.add(digest)
-                folder = Path(tmp) / str(n)  # one folder per part: two parts may carry the same name
-                folder.mkdir()
-                staged = folder / "upload"
-                photo.file.seek(0)
-                with staged.open("wb") as f:
-                    shutil.copyfileobj(photo.file, f)
-                try:
-                    fmt = open_image(staged, settings.max_image_pixels).format
-                except ImageError as exc:
-                    raise HTTPException(image_error_status(exc.reason), f"photo {n}: {exc.reason}") from None
-                if fmt not in EXTENSIONS:
-                    raise HTTPException(415, f"photo {n} is {fmt}; catalog photos must be JPEG, PNG or WebP")
-                path = folder / safe_file_name(photo.filename, FILE_EXTENSIONS[fmt], digest[:20])
-                staged.rename(path)
-                paths.append(path)
-            out = engine.add_images(product_id, paths)
-        except ImageError as exc:
-            raise HTTPException(image_error_status(exc.reason), f"cannot add the photos: {exc.reason}") from None
-        except ValueError as exc:  # InvalidProductIdError included
-            raise HTTPException(422, str(exc)) from None
-        except write_error_names() as exc:
-            raise write_failed(exc, f"add photos to product {product_id!r}") from None
+    try:
+        with tempfile.TemporaryDirectory(prefix="lookalike-upload-", ignore_cleanup_errors=True) as tmp:
+            out = engine.add_images(product_id, _stage(photos, Path(tmp), settings))
+    except ImageError as exc:
+        raise HTTPException(image_error_status(exc.reason), f"cannot add the photos: {exc.reason}") from None
+    except ValueError as exc:  # InvalidProductIdError included
+        raise HTTPException(422, str(exc)) from None
+    except write_error_names() as exc:
+        raise write_failed(exc, f"add photos to product {product_id!r}") from None
     return {k: out[k] for k in ("product_id", "added", "images", "image_ids")}
+
+
+def _stage(photos: list[Upload], tmp: Path, settings: Settings) -> list[Path]:
+    """Each distinct photo in its own folder under ``tmp`` (two parts may carry the same name), checked and named."""
+    paths, seen = [], set()
+    for n, photo in enumerate(photos, start=1):
+        photo.file.seek(0)
+        digest = hashlib.file_digest(photo.file, "sha256").hexdigest()
+        if digest in seen:  # the same photo twice in one request is one photo
+            continue
+        seen.add(digest)
+        folder = tmp / str(n)
+        folder.mkdir()
+        staged = folder / "upload"
+        photo.file.seek(0)
+        with staged.open("wb") as f:
+            shutil.copyfileobj(photo.file, f)
+        try:
+            fmt = open_image(staged, settings.max_image_pixels).format
+        except ImageError as exc:
+            raise HTTPException(image_error_status(exc.reason), f"photo {n}: {exc.reason}") from None
+        if fmt not in EXTENSIONS:
+            raise HTTPException(415, f"photo {n} is {fmt}; catalog photos must be JPEG, PNG or WebP")
+        path = folder / safe_file_name(photo.filename, FILE_EXTENSIONS[fmt], digest[:20])
+        staged.rename(path)
+        paths.append(path)
+    return paths
 
 
 def _scrub_paths(value: Any, root: Path) -> Any:
