@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 GROCERY ?= ../shared/data/grocery
 
-.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m clean
+.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m chaos clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,10 @@ bench: setup
 ## a million clustered 2048-d vectors: build time, memory, latency, recall (long; not part of bench)
 bench-1m: setup
 	cd benchmarks && ../$(PY) bench_1m.py
+
+## the chaos suite, long: kill -9, concurrent writers, disk full / read-only, fuzzing, restart (results/chaos/)
+chaos: setup
+	cd benchmarks && ../$(PY) -m chaos --out ../results/chaos
 
 clean:
 	rm -rf $(VENV) cache results .pytest_cache .ruff_cache
