@@ -19,7 +19,6 @@ from chaos.faults import Injector, fault_campaign  # noqa: E402
 from chaos.fuzz import hostile, http_fuzz, mutate, seeds  # noqa: E402
 from chaos.writers import kill_campaign, seed_ledger, writers_campaign  # noqa: E402
 
-
 # --- the harness itself notices what it must notice ----------------------------------------------------------
 
 
