@@ -214,23 +214,21 @@ class Judge:
         """(index, catalog, cache): file names per product; and the build id. Raises if the index does not load."""
         from lookalike import ImageSearchEngine
         from lookalike.catalog import scan_catalog
-        from lookalike.store import EmbeddingCache
 
         engine = ImageSearchEngine(self.settings, extractor=self.extractor)
         engine.load_index()
-        snap = engine.snapshot
         index: dict[str, set[str]] = {}
-        for path, pid in zip(snap.paths, snap.product_ids):
+        for path, pid in _rows(engine):
             index.setdefault(pid, set()).add(Path(path).name)
         catalog: dict[str, set[str]] = {}
         for im in scan_catalog(self.wd.catalog):
             catalog.setdefault(im.product_id, set()).add(im.path.name)
         root = engine.data_root
         cache: dict[str, set[str]] = {}
-        for p in EmbeddingCache.for_catalog(self.settings.cache_dir, self.extractor.fingerprint, root).load().paths:
+        for p in _cache_class().for_catalog(self.settings.cache_dir, self.extractor.fingerprint, root).load().paths:
             rel = Path(p).relative_to(root) if Path(p).is_relative_to(root) else Path(p)
             cache.setdefault(rel.parts[0], set()).add(rel.name)
-        return index, catalog, cache, str(snap.manifest.get("build_id", ""))
+        return index, catalog, cache, str(engine.snapshot.manifest.get("build_id", ""))
 
     def check(self, ledger: Ledger, products=None) -> Verdict:
         """Every product of ``ledger`` (or of ``products``): acknowledged state held, folder = cache = index."""
@@ -253,6 +251,25 @@ class Judge:
             elif state == ABSENT and got_i:
                 out.lost.append(f"{product}: acknowledged remove undone")
         return out
+
+
+def _rows(engine) -> list[tuple[str, str]]:
+    """(catalog-relative path, product id) of every indexed image: through the store protocol where the engine
+    has one (``store.ids()`` / ``store.fetch()``), else the seed-era snapshot's columns."""
+    store = getattr(engine, "_store", None)
+    if store is not None and hasattr(store, "fetch"):
+        fields = store.fetch(store.ids())
+        return [(f["path"], f["product_id"]) for f in fields.values()]
+    snap = engine.snapshot
+    return list(zip(snap.paths, snap.product_ids))
+
+
+def _cache_class():
+    try:
+        from lookalike.cache import EmbeddingCache
+    except ImportError:
+        from lookalike.store import EmbeddingCache
+    return EmbeddingCache
 
 
 # --- output ---------------------------------------------------------------------------------------------------

@@ -33,14 +33,39 @@ def build_synthetic(wd: Workdir, images: int, *, per_product: int = 4, seed: int
     raw = np.abs(centres[owner] + 0.3 * rng.standard_normal((images, dim), dtype=np.float32))  # post-ReLU-like
     paths = [f"p{o:06d}/img{i:07d}.jpg" for i, o in enumerate(owner)]
     wd.catalog.mkdir(parents=True, exist_ok=True)
+    labels = [f"p{o:06d}" for o in owner]
     with timer() as took:
-        state = engine._install(raw, paths, [f"p{o:06d}" for o in owner], ["JPEG"] * images, [], tune=False)
+        if hasattr(ImageSearchEngine, "from_vectors"):  # the store seam: what build_index() does after extraction
+            _save_through_store(engine, raw, paths, labels)
+        else:
+            engine._install(raw, paths, labels, ["JPEG"] * images, [], tune=False)
+    index = ImageSearchEngine(settings)
+    index.load_index()
+    snap = index.snapshot.index
     return {
-        "images": int(state.index.ntotal),
-        "dim": int(state.index.dim),
-        "index_type": state.index.type_name,
+        "images": int(snap.ntotal),
+        "dim": int(snap.dim),
+        "index_type": snap.type_name,
         "build_seconds": round(took["s"], 1),
     }
+
+
+def _save_through_store(engine, raw: np.ndarray, paths: list[str], labels: list[str]) -> None:
+    from lookalike.manifest import build_manifest, save_projection
+
+    from lookalike import files
+    from lookalike.ids import image_id_for
+    from lookalike.stores import open_store
+    from lookalike.tuning import adapt
+
+    settings, extractor = engine.settings, engine.extractor
+    with files.catalog_lock(settings.cache_dir):
+        store = open_store(settings, metric=settings.similarity_metric, device="cpu")
+        adaptation = adapt(raw, np.array(labels, dtype=object), extractor.dim, tune=False)
+        projection = save_projection(settings.index_path, adaptation.projection)
+        store.set_manifest(build_manifest(settings, extractor, adaptation, [], projection))
+        fields = [{"product_id": p, "path": r, "format": "JPEG"} for p, r in zip(labels, paths)]
+        store.replace_all([image_id_for(r) for r in paths], adaptation.transform(raw, extractor.dim), fields)
 
 
 def restart_campaign(root: Path, *, images: int = 100_000, restarts: int = 5) -> dict:
