@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import shutil
 import threading
 import unicodedata
@@ -117,7 +118,7 @@ def test_the_longest_allowed_non_ascii_id_can_be_added_and_removed(client, catal
 
 def failing(code: int):
     def fail(*args, **kwargs):
-        raise OSError(code, errno.errorcode.get(code, "failure") and __import__("os").strerror(code), "/srv/secret")
+        raise OSError(code, f"{os.strerror(code)} at /srv/secret/cache", "/srv/secret")
 
     return fail
 
@@ -143,6 +144,18 @@ def test_a_failed_remove_answers_507_or_503_never_500(client, engine, monkeypatc
     monkeypatch.setattr(engine, "remove_product", failing(code))
     text = detail(client.delete("/products/red-disc", headers=AUTH), status)
     assert "remove product 'red-disc'" in text and "/srv/secret" not in text
+
+
+def test_the_engines_write_error_answers_without_the_servers_paths(client, engine, monkeypatch):
+    class CatalogWriteError(OSError):  # what lookalike.errors defines: an OSError whose message names the path
+        reason = "disk full"
+
+    def full(*args, **kwargs):
+        raise CatalogWriteError(errno.ENOSPC, "cannot write /srv/secret/cache/x.npz: disk full", "/srv/secret")
+
+    monkeypatch.setattr(engine, "add_images", full)
+    text = detail(add(client, "teal-bar", {"images": ("a.jpg", photo())}), 507)
+    assert "disk full" in text and "/srv" not in text
 
 
 def test_a_busy_catalog_answers_503_with_retry_after(client, engine, monkeypatch):

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
@@ -38,7 +39,8 @@ def write_failed(exc: BaseException, action: str) -> HTTPException:
     """507 for a full disk or quota, 503 (with Retry-After) for a read-only catalog, a busy one or any other write
     failure; the reason without the file paths of the server."""
     code = getattr(exc, "errno", None)
-    reason = getattr(exc, "strerror", None) or (errno.errorcode.get(code, "") if code else "") or type(exc).__name__
+    # the standard text of the errno, never exc.strerror: CatalogWriteError's carries the server's paths
+    reason = getattr(exc, "reason", None) or (os.strerror(code) if code else "") or type(exc).__name__
     if isinstance(exc, TimeoutError) or code in BUSY:
         logger.warning("%s: the catalog is busy (%s)", action, reason)
         return HTTPException(
