@@ -365,3 +365,37 @@ def test_a_raw_photo_body_is_named_by_its_content(client, catalog):
 )
 def test_safe_file_name(given, expected):
     assert safe_file_name(given, (".jpg", ".jpeg"), "fallback") == expected
+
+
+def test_a_hang_up_over_a_real_socket_is_one_info_line_too(engine, caplog):
+    import socket
+    import time
+
+    import uvicorn
+
+    caplog.set_level(logging.INFO)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for path, extra in (("/search", ""), ("/products/teal-bar/images", f"Authorization: Bearer {TOKEN}\r\n")):
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 5000000\r\n"
+                c.sendall((head + extra + "\r\n").encode() + photo()[:3000])
+                time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while sum("hung up" in r.getMessage() for r in caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    gone = [r for r in caplog.records if "hung up" in r.getMessage()]
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert len(gone) == 2 and all(r.levelno == logging.INFO for r in gone), [r.getMessage() for r in caplog.records]
+    assert noisy == [], [r.getMessage() for r in noisy]
