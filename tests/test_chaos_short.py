@@ -105,3 +105,15 @@ def test_the_seed_ledger_matches_the_seed_catalog(tmp_path):
     ledger = seed_ledger()
     assert all(state == PRESENT for _, (state, _) in ledger.items())
     assert Judge(workdir).check(ledger).lost == [] and Judge(workdir).check(Ledger()).checked == 0
+
+
+def test_atheris_finding_a_truncated_png_header_is_an_image_error():
+    """Found by `make chaos` (atheris): Pillow's PNG parser raised ValueError out of open_image."""
+    import base64
+
+    from lookalike.imaging import ImageError, open_image
+
+    data = base64.b64decode("iVBORw0KGgoAAAAFSUhEUgAA6mAAAOpgCAIAAAAPsA==")
+    with pytest.raises(ImageError) as err:
+        open_image(data, 4_000_000, draft_size=64)
+    assert "unreadable image header" in err.value.reason
