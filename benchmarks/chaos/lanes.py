@@ -159,7 +159,7 @@ class WorkerLane(Lane):
     def round(self) -> None:
         proc = self.spawn()
         kill = self.opts.get("kill", True)
-        timer = self.kill_after(proc, self.rng.uniform(0, self.opts.get("max_delay", 1.5))) if kill else None
+        timer = self.kill_after(proc, self.rng.uniform(0, self.opts.get("max_delay", 4.0))) if kill else None
         edits = self.opts.get("edits_per_round", 10**9)
         for _ in range(edits):
             if self.stop.is_set() and not kill:
@@ -249,7 +249,7 @@ class ServerLane(Lane):
     def round(self) -> None:
         proc, url = self.spawn()
         kill = self.opts.get("kill", True)
-        timer = self.kill_after(proc, self.rng.uniform(0, self.opts.get("max_delay", 2.0))) if kill else None
+        timer = self.kill_after(proc, self.rng.uniform(0, self.opts.get("max_delay", 6.0))) if kill else None
         edits = self.opts.get("edits_per_round", 10**9)
         with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
             for _ in range(edits):
