@@ -24,7 +24,7 @@ from common import (
     recall_at_k,
     write_results,
 )
-from lookalike.index import VectorIndex, choose_index
+from lookalike.stores.faiss_index import VectorIndex, choose_index
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
 
 def build_in_chunks(factory: str, n: int, dim: int) -> VectorIndex:
     """Train on the first chunks (up to TRAIN_MAX vectors), then add chunk by chunk."""
-    from lookalike.index import TRAIN_MAX
+    from lookalike.stores.faiss_index import TRAIN_MAX
 
     chunks = clustered_vectors(n, dim, seed=0)
     first: list[np.ndarray] = []

@@ -20,7 +20,7 @@ import numpy as np
 from common import SeedPipeline, grocery_photos, print_table, write_results
 from lookalike import FeatureExtractor, Settings
 from lookalike.backbones import get_backbone
-from lookalike.index import VectorIndex
+from lookalike.stores.faiss_index import VectorIndex
 
 # (label, settings overrides); img_size None = the model's own input size (224 except Lite0's 256)
 CONFIGS = [

@@ -20,7 +20,7 @@ import numpy as np
 
 from common import SeedPipeline, grocery_photos, print_table, write_results
 from lookalike import FeatureExtractor, Settings
-from lookalike.index import VectorIndex
+from lookalike.stores.faiss_index import VectorIndex
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from lookalike import Settings
 from lookalike.backbones import BackboneSpec, Preprocess, get_backbone, register_backbone
 from lookalike.embedding import FeatureExtractor
 from lookalike.evaluation import LabelledSet, embed_folder, summarize
-from lookalike.index import l2_normalize
+from lookalike.ranking import l2_normalize
 from lookalike.tuning import SHRINKAGE, lda, product_scores
 
 ROOT = Path(__file__).resolve().parents[1]

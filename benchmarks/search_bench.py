@@ -30,7 +30,7 @@ from common import (
     write_results,
 )
 from lookalike import ImageSearchEngine, Settings
-from lookalike.index import VectorIndex, choose_index
+from lookalike.stores.faiss_index import VectorIndex, choose_index
 
 INDEX_CHOICES = [
     "Flat",

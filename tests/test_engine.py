@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lookalike.store
+import lookalike.files
 from conftest import PRODUCTS, jpeg_bytes, product_image, write_catalog
 from lookalike import (
     BuildReport,
@@ -26,7 +26,7 @@ from lookalike import (
     Settings,
     UnknownProductError,
 )
-from lookalike.index import VectorIndex
+from lookalike.stores.faiss_index import VectorIndex
 
 RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path", "image_similarity"}
 IMAGE_RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path"}
@@ -292,7 +292,7 @@ def test_search_of_a_bad_image_raises_image_error(ro_engine, tmp_path):
 
 def _catalog_vectors(eng: ImageSearchEngine) -> tuple[np.ndarray, list[str]]:
     root = eng.data_root
-    paths = [str(root / p) for p in eng.snapshot.paths]
+    paths = [str(root / f["path"]) for f in eng.store.fetch(eng.store.ids()).values()]
     return eng.extractor.extract_batch_features(paths), paths
 
 
@@ -541,7 +541,7 @@ def test_a_crash_while_committing_leaves_the_previous_index_loadable(make_settin
     # the second build would add a product; it crashes after its index generation file was written
     write_catalog(catalog, {"purple": 2}, start_variant=0)  # look 0 (a red-disc look), new product name
     written: list[Path] = []
-    real_write = lookalike.store.atomic_write_bytes
+    real_write = lookalike.files.atomic_write_bytes
 
     def record(path, data):
         written.append(Path(path))
@@ -550,8 +550,8 @@ def test_a_crash_while_committing_leaves_the_previous_index_loadable(make_settin
     def crash(path, obj):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(lookalike.store, "atomic_write_bytes", record)
-    monkeypatch.setattr(lookalike.store, "atomic_write_json", crash)
+    monkeypatch.setattr(lookalike.files, "atomic_write_bytes", record)
+    monkeypatch.setattr(lookalike.files, "atomic_write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         eng.build_index()
     monkeypatch.undo()

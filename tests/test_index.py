@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lookalike import ImageSearchEngine, Settings, SettingsError
-from lookalike.index import COMPRESSED_FROM, TorchFlat, VectorIndex, choose_index, l2_normalize
+from lookalike.stores.faiss_index import COMPRESSED_FROM, TorchFlat, VectorIndex, choose_index, l2_normalize
 
 DIM = 64
 
@@ -240,7 +240,7 @@ def test_engine_builds_searches_adds_removes_and_loads_an_approximate_index(make
 
 
 def test_hadamard_rotation_is_orthogonal_and_fixed(data):
-    from lookalike.index import HadamardRotation
+    from lookalike.stores.faiss_index import HadamardRotation
 
     database, _ = data
     rot = HadamardRotation(DIM, 32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from .catalog import scan_catalog
+from .ranking import average_precision_at_r as _ap
+from .ranking import score_products
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def precision_at_k(ranked: Sequence[Label], label: Label, k: int) -> float:
 
 
 def average_precision_at_r(ranked: Sequence[Label], label: Label, r: int) -> float:
-    return _ap_at_r({label}, list(ranked), r)
+    return _ap(list(ranked), {label}, r)
 
 
 def reciprocal_rank(ranked: Sequence[Label], label: Label) -> float:
@@ -157,14 +158,7 @@ class EvaluationUtils:
 
 
 def _ap_at_r(relevant: set, ranked: list, r: int) -> float:
-    if r < 1:
-        raise ValueError(f"R must be at least 1, got {r}")
-    hits, total = 0, 0.0
-    for i, x in enumerate(ranked[:r], start=1):
-        if x in relevant:
-            hits += 1
-            total += hits / i
-    return total / r
+    return _ap(ranked, set(relevant), r)
 
 
 def _is_batch(predicted_labels: Sequence[Any]) -> bool:
@@ -209,47 +203,43 @@ class LabelledSet:
 
 def embed_folder(extractor, settings: Settings, folder: str | Path, *, progress: bool | None = None) -> LabelledSet:
     """Raw vectors of every image under ``folder``, through the same embedding cache as index builds."""
-    from .engine import embed_with_cache
-    from .store import EmbeddingCache
+    from .cache import EmbeddingCache, embed_with_cache
 
     images = scan_catalog(folder)
     cache = EmbeddingCache.for_catalog(settings.cache_dir, extractor.fingerprint, Path(folder))
-    raw, _, errors, _ = embed_with_cache(extractor, images, cache, progress=progress)
-    good = [i for i in range(len(images)) if i not in errors]
-    skipped = [{"path": str(images[i].path), "reason": r} for i, r in sorted(errors.items())]
-    return LabelledSet(raw[good], [images[i].product_id for i in good], [str(images[i].path) for i in good], skipped)
+    emb = embed_with_cache(extractor, images, cache, progress=progress)
+    good = emb.good
+    skipped = [{"path": str(images[i].path), "reason": r} for i, r in sorted(emb.errors.items())]
+    return LabelledSet(
+        emb.vectors[good], [images[i].product_id for i in good], [str(images[i].path) for i in good], skipped
+    )
 
 
 def _run_protocol(engine, queries: np.ndarray, labels: Sequence[str], paths: Sequence[str], *, loo: bool) -> dict:
     """Metrics of one protocol, with per-query details for reports. ``queries`` are raw vectors."""
-    state = engine.snapshot
-    per_product = Counter(state.product_ids)
-    n = state.index.ntotal
-    vectors = state.adaptation.transform(queries, engine.extractor.dim)
+    per_product = engine.images_per_product()
+    n = sum(per_product.values())
     relevant = np.array([per_product.get(y, 0) - (1 if loo else 0) for y in labels])
     depth = int(min(n, max(int(relevant.max(initial=0)), 100) + (1 if loo else 0)))
-    scores, rows = state.index.search(vectors, depth)
-    catalog_labels = np.array(state.product_ids, dtype=object)
+    root = engine.data_root
+    results = engine.search_vectors(queries, depth, by_product=False) if n else [[] for _ in labels]
     rankings, products, details = [], [], []
-    for q, (s, r) in enumerate(zip(scores, rows)):
-        keep = r >= 0
-        if loo:
-            keep &= r != q  # the query image itself is in the index: leave it out
-        s, r = s[keep], r[keep]
-        rankings.append(list(catalog_labels[r]))
-        hits, _ = engine._product_hits(state, s, r, 5, None, complete=True)
-        products.append([h["product_id"] for h in hits])
+    for q, hits in enumerate(results):
+        if loo:  # the query image itself is in the index: leave it out
+            own = image_id_of(paths[q], root)
+            hits = [h for h in hits if h["image_id"] != own]
+        rankings.append([h["product_id"] for h in hits])
+        values = [h.get("distance", h["similarity"]) for h in hits]
+        l2 = bool(hits) and "distance" in hits[0]
+        chosen, _ = score_products(values, rankings[-1], per_product, 5, lower_is_better=l2, complete=True)
+        products.append([c.product_id for c in chosen])
         details.append(
             {
                 "path": paths[q],
                 "label": labels[q],
                 "results": [
-                    {
-                        "product_id": catalog_labels[row],
-                        "path": str(engine.data_root / state.paths[row]),
-                        "similarity": float(sc),
-                    }
-                    for sc, row in zip(s[:5], r[:5])
+                    {"product_id": h["product_id"], "path": h["image_path"], "similarity": h["similarity"]}
+                    for h in hits[:5]
                 ],
                 "products": products[-1],
             }
@@ -268,6 +258,12 @@ def _run_protocol(engine, queries: np.ndarray, labels: Sequence[str], paths: Seq
         "queries_without_product_in_catalog": int(np.sum(relevant <= 0)),
         "details": [details[i] for i in usable],
     }
+
+
+def image_id_of(path: str | Path, root: Path) -> str:
+    from .ids import image_id_for
+
+    return image_id_for(Path(path).relative_to(root).as_posix())
 
 
 def evaluate(
@@ -300,14 +296,13 @@ def evaluate(
     start = time.perf_counter()
     eval_settings = settings.replace(data_dir=Path(catalog_dir))
     extractor = FeatureExtractor(eval_settings)
-    engine = ImageSearchEngine(eval_settings, extractor=extractor)
     catalog = embed_folder(extractor, eval_settings, catalog_dir, progress=progress)
-    root = engine.data_root
+    root = Path(catalog_dir).expanduser().resolve()
     rel = [Path(p).relative_to(root).as_posix() for p in catalog.paths]
-    formats = [""] * len(rel)
-    state = engine._install(
-        catalog.raw, rel, catalog.labels, formats, catalog.skipped, tune=settings.tune, persist=False
+    engine = ImageSearchEngine.from_vectors(
+        eval_settings, extractor, catalog.raw, rel, catalog.labels, tune=settings.tune
     )
+    adaptation = engine.snapshot.adaptation
     protocols: dict[str, Any] = {}
     query_sets: dict[str, LabelledSet] = {}
     if queries_dir is not None:
@@ -325,10 +320,10 @@ def evaluate(
         "iconic": None if iconic_dir is None else str(Path(iconic_dir)),
         "model": extractor.describe(),
         "metric": settings.similarity_metric,
-        "tuning": state.adaptation.tuning,
-        "calibration": state.adaptation.calibration,
-        "catalog_images": state.index.ntotal,
-        "catalog_products": len(set(state.product_ids)),
+        "tuning": adaptation.tuning,
+        "calibration": adaptation.calibration,
+        "catalog_images": len(catalog.labels),
+        "catalog_products": len(set(catalog.labels)),
         "catalog_skipped": catalog.skipped,
         "protocols": protocols,
     }
@@ -363,34 +358,30 @@ def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet,
     rng = np.random.default_rng(seed)
     hidden = set(rng.choice(candidates, n_out, replace=False).tolist())
     keep = [i for i, y in enumerate(catalog.labels) if y not in hidden]
-    engine = ImageSearchEngine(settings, extractor=extractor)
-    root = engine.data_root
-    state = engine._install(
+    root = Path(settings.data_dir).expanduser().resolve()
+    engine = ImageSearchEngine.from_vectors(
+        settings,
+        extractor,
         catalog.raw[keep],
         [Path(catalog.paths[i]).relative_to(root).as_posix() for i in keep],
         [catalog.labels[i] for i in keep],
-        [""] * len(keep),
-        [],
         tune=settings.tune,
-        persist=False,
     )
-    vectors = state.adaptation.transform(probe.raw, extractor.dim)
-    scores, rows = state.index.search(vectors, min(state.index.ntotal, 256))
+    adaptation = engine.snapshot.adaptation
     best, right = [], []
-    for q, (s, r) in enumerate(zip(scores, rows)):
-        hits, _ = engine._product_hits(state, s[r >= 0], r[r >= 0], 1, None, complete=True)
+    for q, hits in enumerate(engine.search_vectors(probe.raw, 1)):
         best.append(hits[0]["similarity"] if hits else -np.inf)
         right.append(bool(hits) and hits[0]["product_id"] == probe.labels[q])
     best_a = np.array(best)
     inside = np.array([y not in hidden for y in probe.labels])
-    threshold = state.adaptation.threshold
+    threshold = adaptation.threshold
     out = {
         "hidden_products": sorted(hidden),
         "in_catalog_queries": int(inside.sum()),
         "hidden_product_queries": int((~inside).sum()),
         "auroc": auroc(best_a[inside], best_a[~inside]),
         "threshold": threshold,
-        "calibration": state.adaptation.calibration,
+        "calibration": adaptation.calibration,
     }
     if threshold is not None:
         out["wrong_no_match_rate"] = float(np.mean(best_a[inside] < threshold))  # in catalog, answered "no match"

@@ -63,6 +63,11 @@ class Settings:
     threads: int | None = None  # threads the network may use; None: the runtime's default (one per core)
     index_type: str = "auto"  # auto: exact below exact_below images, approximate above; or a FAISS factory string
     exact_below: int = 10_000  # with index_type auto: catalogs smaller than this get exact search
+    store: str = "faiss"  # where vectors live: faiss (embedded, in cache_dir) or milvus (Milvus Lite or a server)
+    milvus_uri: str | None = None  # store milvus: a file (Milvus Lite) or http://host:19530; None: cache_dir/milvus.db
+    collection: str = "lookalike"  # store milvus: the collection name
+    executor: str = "local"  # feature extraction: local (this process) or ray (Ray Data, see docs/scaling.md)
+    ray_address: str | None = None  # executor ray: the cluster address; None starts a local Ray
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression bombs)
     # HTTP server (`lookalike serve`)
     host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 for every interface
@@ -131,6 +136,10 @@ class Settings:
 
 
 _NULLABLE = {"img_size", "threads", "embedding_dim", "index_file", "metadata_file", "weights_path", "admin_token"}
+_NULLABLE |= {"milvus_uri", "ray_address"}
+STORES = ("faiss", "milvus")
+EXECUTORS = ("local", "ray")
+_COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 SECRET_SETTINGS = frozenset({"admin_token"})  # never in to_dict(), repr() or an error message
 MIN_ADMIN_TOKEN_LENGTH = 16
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]%]{1,253}$")
@@ -270,6 +279,21 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = text
         elif name == "port":
             out[name] = _as_int(name, value, 1, 65535)
+        elif name in {"store", "executor"}:
+            text = str(value).strip().lower()
+            allowed = STORES if name == "store" else EXECUTORS
+            if text not in allowed:
+                raise SettingsError(f"{name}={value!r} is not allowed: expected one of {', '.join(allowed)}")
+            out[name] = text
+        elif name in {"milvus_uri", "ray_address"}:
+            out[name] = None if value is None or str(value).strip() in {"", "none", "null"} else str(value).strip()
+        elif name == "collection":
+            text = str(value).strip()
+            if not _COLLECTION_RE.match(text):
+                raise SettingsError(
+                    f"collection={value!r} is not allowed: expected letters, digits and '_' (not first a digit)"
+                )
+            out[name] = text
         elif name == "admin_token":
             out[name] = _as_token(name, value)
         elif name == "max_upload_bytes":

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .index import l2_normalize
+from .ranking import PRODUCT_TOP, average_precision_at_r, l2_normalize, product_scores  # noqa: F401 - PRODUCT_TOP kept importable
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ HOLDOUT_FRACTION = 0.25
 # than a shopper's photo does, so they would push the threshold far too high. Catalog photos also score higher
 # among themselves than new photos do, which is why the median, not a high quantile (docs/quality.md).
 NO_MATCH_QUANTILE = 0.5
-PRODUCT_TOP = 3  # a product's score is the mean of its best PRODUCT_TOP image similarities
 # Validation and calibration compare every held-out photo with every catalog photo of the products they look at;
 # on a large catalog a seeded sample of this many products keeps that to seconds and bounded memory.
 MAX_CHECK_PRODUCTS = 400
@@ -112,17 +111,6 @@ def holdout_split(labels: np.ndarray) -> np.ndarray:
     return held
 
 
-def product_scores(sims: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(products, scores (n_queries, n_products)): each product's mean of its best PRODUCT_TOP similarities."""
-    products, inverse = np.unique(db_labels, return_inverse=True)
-    scores = np.empty((sims.shape[0], len(products)), np.float32)
-    for j in range(len(products)):
-        block = sims[:, inverse == j]
-        m = min(PRODUCT_TOP, block.shape[1])
-        scores[:, j] = -np.sort(-block, axis=1)[:, :m].mean(axis=1)
-    return products, scores
-
-
 def _holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> dict:
     sims = l2_normalize(queries) @ l2_normalize(db).T
     products, scores = product_scores(sims, db_labels)
@@ -131,8 +119,7 @@ def _holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray,
     ap = []
     for i, label in enumerate(labels):
         r = int(np.sum(db_labels == label))
-        hits = db_labels[order[i, :r]] == label
-        ap.append(float(np.sum(np.cumsum(hits) / np.arange(1, r + 1) * hits) / r))
+        ap.append(average_precision_at_r(db_labels[order[i, :r]].tolist(), label, r))
     return {"product_recall@1": recall, "map@r": float(np.mean(ap)), "queries": len(labels)}
 
 
@@ -261,3 +248,36 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
     return float(u / (len(positive) * len(negative)))
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How raw features become index vectors for one index: a catalog projection (tuning) or not, plus the
+    calibrated "no match" threshold. Travels with the index (its manifest); add/remove keep it."""
+
+    projection: Projection | None = None
+    tuning: dict[str, Any] = field(default_factory=lambda: {"status": "off"})
+    calibration: dict[str, Any] | None = None
+
+    def transform(self, raw: np.ndarray, dim: int) -> np.ndarray:
+        raw = np.atleast_2d(raw)
+        return self.projection.apply(raw) if self.projection is not None else np.ascontiguousarray(raw[:, :dim])
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else float(self.calibration["threshold"])
+
+
+def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool) -> Adaptation:
+    """Fit what a build learns from the catalog: the tuned projection (if asked and possible) and the no-match
+    threshold. ``raw`` rows are in catalog order (sorted by product, then file name)."""
+    projection, tuning = None, {"status": "off"}
+    if tune:
+        try:
+            projection = fit_projection(raw, labels, dim)
+            tuning = {"status": "tuned", **projection.info}
+        except TuningDeclined as exc:
+            logger.warning("catalog tuning declined: %s", exc)
+            tuning = {"status": "declined", "reason": str(exc)}
+    calibration = calibrate_no_match(raw, labels, dim, tuned=projection is not None) if len(labels) else None
+    return Adaptation(projection, tuning, calibration)

@@ -344,7 +344,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             out = engine.remove_product(product_id)
         except UnknownProductError:
             raise HTTPException(404, f"unknown product {product_id!r}") from None
-        except InvalidProductIdError as exc:
+        except ValueError as exc:  # InvalidProductIdError: the id rule
             raise HTTPException(422, str(exc)) from None
         except write_error_names() as exc:
             raise write_failed(exc, f"remove product {product_id!r}") from None

@@ -1,5 +1,78 @@
 """Vector stores behind one protocol (:mod:`lookalike.stores.base`). Only this package imports faiss or pymilvus."""
 
-from .base import REQUIRED_FIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError, VectorStore
+from __future__ import annotations
 
-__all__ = ["REQUIRED_FIELDS", "StoreError", "StoreHit", "StoreInfo", "StoreMismatchError", "VectorStore"]
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    REQUIRED_FIELDS,
+    IndexFileError,
+    StoreError,
+    StoreHit,
+    StoreInfo,
+    StoreMismatchError,
+    VectorStore,
+)
+
+
+def milvus_uri(settings: Any) -> str:
+    """The Milvus URI of ``settings``: ``milvus_uri``, or Milvus Lite's file ``<cache_dir>/milvus.db``."""
+    uri = getattr(settings, "milvus_uri", None)
+    return uri if uri else str(Path(settings.cache_dir).expanduser().resolve() / "milvus.db")
+
+
+def search_device(settings: Any) -> str:
+    """Where exact searches run: a CUDA device when the settings ask for one (a torch matmul), else the CPU."""
+    if settings.device.startswith("cuda"):
+        return settings.device
+    if settings.device == "auto":
+        from ..embedding import resolve_device
+
+        return resolve_device("auto")
+    return "cpu"
+
+
+def open_store(settings: Any, *, metric: str, dim: int | None = None, device: str = "cpu") -> VectorStore:
+    """The store the settings name (``store: faiss`` by default, or ``milvus``), opened at its location."""
+    kind = getattr(settings, "store", "faiss")
+    if kind == "milvus":
+        from .milvus import MilvusStore  # needs pymilvus (and milvus-lite for a local file)
+
+        return MilvusStore(
+            milvus_uri(settings),
+            settings.collection,
+            metric=metric,
+            dim=dim,
+            token=os.environ.get("LOOKALIKE_MILVUS_TOKEN"),
+            index_type=settings.index_type,
+            exact_below=settings.exact_below,
+        )
+    if kind != "faiss":
+        raise ValueError(f"unknown store {kind!r}; available: faiss, milvus")
+    from .faiss import FaissStore
+
+    return FaissStore(
+        settings.index_path,
+        settings.metadata_path,
+        metric=metric,
+        dim=dim,
+        index_type=settings.index_type,
+        exact_below=settings.exact_below,
+        device=device,
+    )
+
+
+__all__ = [
+    "REQUIRED_FIELDS",
+    "IndexFileError",
+    "StoreError",
+    "StoreHit",
+    "StoreInfo",
+    "StoreMismatchError",
+    "VectorStore",
+    "milvus_uri",
+    "open_store",
+    "search_device",
+]

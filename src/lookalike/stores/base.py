@@ -35,6 +35,10 @@ class StoreError(RuntimeError):
     """A store could not do what was asked (connection, missing collection, damaged file). Says what to do."""
 
 
+class IndexFileError(StoreError):
+    """The stored index is missing or damaged (a file, its checksum, its metadata); the message names the file."""
+
+
 class StoreMismatchError(StoreError):
     """The store holds vectors built with another model, weights, preprocessing or metric than asked for."""
 

@@ -1,4 +1,4 @@
-"""The vector index behind a small interface (FAISS here).
+"""FAISS indexes behind a small interface: what :class:`lookalike.stores.faiss.FaissStore` keeps its vectors in.
 
 Positions in the index are rows: row ``i`` is the ``i``-th image of the metadata. Removing rows shifts the
 later ones down, in order, exactly as the metadata lists do.
@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from ..ranking import l2_normalize, similarity_from_distance  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 METRIC_COSINE = "cosine"
@@ -26,13 +28,6 @@ COMPRESSED_FROM = 1_000_000  # auto: from here on 1 byte a dimension is too much
 HNSW_EF_SEARCH = 128  # recall@10 >= 0.99 against exact search up to a few hundred thousand vectors (benchmarks/)
 IVF_NPROBE = 64  # at least; nlist / 32 for large indexes
 TRAIN_MAX = 200_000  # vectors used to train quantizers (a seeded sample beyond that)
-
-
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (all-zero rows stay zero)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
 
 
 def choose_index(n: int, dim: int, index_type: str = INDEX_AUTO, exact_below: int = DEFAULT_EXACT_BELOW) -> str:
@@ -403,8 +398,3 @@ class TorchFlat:
             else:
                 scores, rows = sims.topk(k, dim=1)
             return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
-
-
-def similarity_from_distance(distance: np.ndarray) -> np.ndarray:
-    """The monotone similarity reported for l2: 1 / (1 + distance), in (0, 1], 1 for identical vectors."""
-    return 1.0 / (1.0 + distance)

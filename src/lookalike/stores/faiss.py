@@ -1,0 +1,503 @@
+"""FaissStore: the embedded :class:`~lookalike.stores.base.VectorStore`, one FAISS index in the cache folder.
+
+On disk (``cache_dir``): ``index-<build_id>.faiss``, one file per generation, and ``metadata.json``, the manifest
+that names the current generation with its checksum and lists every image (id, product, path, format, further
+fields). A write builds the next generation in memory, writes its file, then replaces ``metadata.json``: a crash
+at any moment leaves the previous generation loadable. "Saved": when ``upsert`` / ``delete`` / ``replace_all``
+returns, the new generation is committed and any store opened on the folder (another process too) sees it; an
+open store sees it at its next :meth:`FaissStore.refresh`.
+
+Images are addressed by id; rows are this module's business. Edits change the index in place (no whole-index
+copy) under a readers-writer lock: searches run concurrently and wait only while an edit is applied and saved.
+If a save fails, the store reloads the last committed generation, so memory and disk never disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import files
+from ..ranking import similarity_from_distance
+from .base import REQUIRED_FIELDS, IndexFileError, StoreError, StoreHit, StoreInfo
+from .faiss_index import DEFAULT_EXACT_BELOW, INDEX_AUTO, METRIC_L2, VectorIndex, choose_index
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "lookalike-index"
+INDEX_FORMAT_VERSION = 1
+
+
+def new_build_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def generation_path(index_path: Path, build_id: str, suffix: str | None = None) -> Path:
+    """``index-<build_id>.faiss`` (or another ``suffix``) beside ``index_path``."""
+    return index_path.with_name(f"{index_path.stem}-{build_id}{suffix or index_path.suffix}")
+
+
+class _RWLock:
+    """Many readers or one writer (writers first once waiting, so an edit is never starved by searches)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class FaissStore:
+    """Vectors in a FAISS index, per-image fields in the manifest. ``index_path=None``: in memory only."""
+
+    backend = "faiss"
+
+    def __init__(
+        self,
+        index_path: Path | None,
+        metadata_path: Path | None = None,
+        *,
+        metric: str,
+        dim: int | None = None,
+        index_type: str = INDEX_AUTO,
+        exact_below: int = DEFAULT_EXACT_BELOW,
+        device: str = "cpu",
+    ):
+        self.index_path = Path(index_path) if index_path is not None else None
+        self.metadata_path = (
+            Path(metadata_path) if metadata_path is not None else (self.index_path.with_name("metadata.json")
+            if self.index_path is not None else None)
+        )  # fmt: skip
+        self.metric = metric  # the committed generation's metric once one is loaded
+        self.build_metric = metric  # what replace_all builds
+        self.dim = dim
+        self.index_type = index_type
+        self.exact_below = exact_below
+        self.device = device
+        self._lock = _RWLock()
+        self._pending: dict[str, Any] | None = None
+        self._set_empty()
+        self._stamp: tuple | None = None
+        if self.metadata_path is not None and self.metadata_path.is_file():
+            self._load()
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    def _set_empty(self) -> None:
+        self._index: VectorIndex | None = None
+        self._ids: list[str] = []
+        self._fields: list[dict[str, Any]] = []
+        self._row: dict[str, int] = {}
+        self._counts: Counter = Counter()
+        self._manifest: dict[str, Any] | None = None
+
+    def _set_rows(self, ids: list[str], fields: list[dict[str, Any]]) -> None:
+        self._ids, self._fields = ids, fields
+        self._row = {i: r for r, i in enumerate(ids)}
+        self._counts = Counter(f["product_id"] for f in fields)
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.metadata_path)
+        except (OSError, TypeError):
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _load(self) -> None:
+        """Read the committed generation (verified against its checksums) and make it the live state."""
+        stamp = self._stat()
+        manifest, data = read_generation(self.metadata_path, self.index_path)
+        index = VectorIndex.from_bytes(
+            data, manifest["metric"], factory=manifest["index"].get("factory"), device=self.device
+        )
+        ids, fields = _rows_from_manifest(manifest)
+        if index.ntotal != len(ids):
+            raise IndexFileError(
+                f"index file holds {index.ntotal} vectors but {self.metadata_path} lists {len(ids)} images; rebuild"
+            )
+        self._index, self._manifest, self._stamp = index, manifest, stamp
+        self.metric, self.dim = manifest["metric"], index.dim
+        self._set_rows(ids, fields)
+
+    # --- identity -------------------------------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any] | None:
+        return self._manifest
+
+    def set_manifest(self, manifest: Mapping[str, Any]) -> None:
+        """Saved with the next write (``upsert`` / ``delete`` / ``replace_all``), or at once when this store
+        already holds a committed generation and :meth:`commit` is called."""
+        self._pending = dict(manifest)
+
+    def commit(self) -> None:
+        """Save the pending manifest without changing any vector."""
+        with self._lock.write():
+            self._save()
+
+    # --- writing --------------------------------------------------------------------------------------------
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
+        ids, fields = list(ids), [dict(f) for f in fields]
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        _check_rows(ids, vectors, fields)
+        with self._lock.write():
+            self._edit(lambda: self._upsert(ids, vectors, fields))
+
+    def _upsert(self, ids, vectors, fields) -> None:
+        if self._index is None:
+            self._build(ids, vectors, fields)
+            return
+        last = {i: n for n, i in enumerate(ids)}  # an id given twice: its last row wins
+        keep = [n for n, i in enumerate(ids) if last[i] == n]
+        ids, vectors, fields = [ids[n] for n in keep], vectors[keep], [fields[n] for n in keep]
+        self._remove_rows([self._row[i] for i in ids if i in self._row])
+        self._index.add(vectors)
+        self._set_rows(self._ids + ids, self._fields + fields)
+
+    def delete(self, ids: Sequence[str] = (), *, product_id: str | None = None) -> int:
+        with self._lock.write():
+            rows = {self._row[i] for i in ids if i in self._row}
+            if product_id is not None:
+                rows |= {r for r, f in enumerate(self._fields) if f["product_id"] == product_id}
+            if not rows:
+                return 0
+            self._edit(lambda: self._remove_rows(sorted(rows)))
+            return len(rows)
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        self._index.remove(np.array(rows, dtype=np.int64))
+        drop = set(rows)
+        keep = [r for r in range(len(self._ids)) if r not in drop]
+        self._set_rows([self._ids[r] for r in keep], [self._fields[r] for r in keep])
+
+    def replace_all(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
+        ids, fields = list(ids), [dict(f) for f in fields]
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if not len(ids):
+            vectors = np.zeros((0, self.dim or vectors.shape[-1]), np.float32)
+        _check_rows(ids, vectors, fields)
+        if len(set(ids)) != len(ids):
+            raise StoreError("replace_all got the same image id twice")
+        with self._lock.write():
+            self._edit(lambda: self._build(ids, vectors, fields))
+
+    def _build(self, ids, vectors, fields) -> None:
+        self.metric = self.build_metric
+        self._index = VectorIndex.build(
+            vectors, self.metric, index_type=self.index_type, exact_below=self.exact_below, device=self.device
+        )
+        self.dim = self._index.dim
+        self._set_rows(ids, fields)
+
+    def _edit(self, change) -> None:
+        """Apply ``change`` in memory and save it; on any failure go back to the committed generation."""
+        try:
+            change()
+            self._save()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        self._pending = None
+        if self.metadata_path is not None and self.metadata_path.is_file():
+            try:
+                self._load()
+                return
+            except StoreError:
+                logger.exception("could not reload the committed index after a failed write")
+        if self._manifest is None:
+            self._set_empty()
+
+    def _save(self) -> None:
+        """Write the next generation and commit it by replacing the metadata file (a no-op in memory)."""
+        manifest = dict(self._pending if self._pending is not None else (self._manifest or {}))
+        index = self._index
+        manifest.update(
+            format=INDEX_FORMAT,
+            version=INDEX_FORMAT_VERSION,
+            build_id=new_build_id(),
+            created_at=utc_now(),
+            metric=self.metric,
+            normalized=index.normalized if index is not None else self.metric != METRIC_L2,
+        )
+        manifest["images"] = _columns(self._ids, self._fields)
+        manifest["counts"] = dict(manifest.get("counts") or {}, images=len(self._ids), products=len(self._counts))
+        if self.index_path is None or index is None:
+            manifest["index"] = _index_info(index, manifest.get("index"))
+            self._manifest, self._pending = manifest, None
+            return
+        data = index.to_bytes()
+        path = generation_path(self.index_path, manifest["build_id"])
+        entry = {"file": path.name, "sha256": files.sha256_bytes(data), "bytes": len(data)}
+        manifest["index"] = dict(_index_info(index, None), **entry)
+        manifest["files"] = dict(manifest.get("files") or {}, index=entry)
+        manifest["images_sha256"] = files.sha256_bytes(files.canonical_json(manifest["images"]))
+        with files.folder_lock(self.metadata_path.parent):
+            files.atomic_write_bytes(path, data)
+            files.atomic_write_json(self.metadata_path, manifest)
+            keep = {self.index_path.with_name(e["file"]) for e in manifest["files"].values()}
+            _remove_old_generations(self.index_path, keep)
+        self._manifest, self._pending, self._stamp = manifest, None, self._stat()
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        where: str | None = None,
+        group_by_product: bool = False,
+        group_size: int = 1,
+    ) -> list[list[StoreHit]]:
+        if where is not None:
+            raise StoreError("the faiss store does not filter (where=...); use store: milvus for filtered search")
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        with self._lock.read():
+            n = self.count()
+            if n == 0 or k < 1:
+                return [[] for _ in range(len(vectors))]
+            if not group_by_product:
+                scores, rows = self._index.search(vectors, k)
+                return [self._hits(s, r) for s, r in zip(scores, rows)]
+            out = []
+            for q in vectors:  # grouped: widen until k products have their group_size best images, or all seen
+                depth = min(n, max(4 * k * group_size, 64))
+                while True:
+                    scores, rows = self._index.search(q[None], depth)
+                    hits = self._hits(scores[0], rows[0])
+                    groups: dict[str, list[StoreHit]] = {}
+                    for h in hits:
+                        groups.setdefault(h.product_id, [])
+                        if len(groups[h.product_id]) < group_size:
+                            groups[h.product_id].append(h)
+                    full = [p for p, g in groups.items() if len(g) >= min(group_size, self._counts[p])]
+                    if depth >= n or len(full) >= k and all(p in full for p in list(groups)[:k]):
+                        break
+                    depth = min(n, depth * 4)
+                out.append([h for g in list(groups.values())[:k] for h in g])
+            return out
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[StoreHit]:
+        l2 = self.metric == METRIC_L2
+        out = []
+        for score, row in zip(scores, rows):
+            if row < 0:
+                break
+            f = self._fields[row]
+            extra = {k: v for k, v in f.items() if k not in ("product_id", "path")}
+            value = float(score)
+            out.append(
+                StoreHit(
+                    self._ids[row],
+                    f["product_id"],
+                    float(similarity_from_distance(value)) if l2 else value,
+                    f.get("path", ""),
+                    value if l2 else None,
+                    extra,
+                )
+            )
+        return out
+
+    def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
+        with self._lock.read():
+            found = [i for i in dict.fromkeys(ids) if i in self._row]
+            out = {i: dict(self._fields[self._row[i]]) for i in found}
+            if with_vectors and found:
+                vectors = self._index.reconstruct([self._row[i] for i in found])
+                for i, v in zip(found, vectors):
+                    out[i]["vector"] = v
+            return out
+
+    def ids(self, *, product_id: str | None = None) -> list[str]:
+        with self._lock.read():
+            if product_id is None:
+                return list(self._ids)
+            return [i for i, f in zip(self._ids, self._fields) if f["product_id"] == product_id]
+
+    def count(self) -> int:
+        return len(self._ids)
+
+    def product_counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def describe(self) -> StoreInfo:
+        index = self._index
+        location = str(self.metadata_path.parent) if self.metadata_path is not None else ":memory:"
+        size = int((self._manifest or {}).get("index", {}).get("bytes", 0))
+        return StoreInfo(
+            backend="faiss",
+            location=location,
+            count=self.count(),
+            products=len(self._counts),
+            dim=int(index.dim if index is not None else (self.dim or 0)),
+            metric=self.metric,
+            index_type=index.type_name if index is not None else "none",
+            nbytes=size,
+            extra={"factory": index.factory if index is not None else None},
+        )
+
+    # --- life cycle -----------------------------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Load the generation another process committed since this store last looked (a ``stat`` when none)."""
+        if self.metadata_path is None:
+            return False
+        stamp = self._stat()
+        if stamp is None or stamp == self._stamp:
+            return False
+        with self._lock.write():
+            if self._stat() == self._stamp:
+                return False
+            before = (self._manifest or {}).get("build_id")
+            self._load()
+            return self._manifest.get("build_id") != before
+
+    def close(self) -> None:
+        self._set_empty()
+
+
+def read_generation(metadata_path: Path, index_path: Path) -> tuple[dict[str, Any], bytes]:
+    """The committed manifest and index file bytes, verified against their checksums."""
+    manifest = read_manifest(metadata_path)
+    try:
+        if files.sha256_bytes(files.canonical_json(manifest["images"])) != manifest["images_sha256"]:
+            raise IndexFileError(f"index metadata {metadata_path} does not match its checksum; rebuild the index")
+        info = (manifest.get("files") or {}).get("index") or manifest["index"]
+        path = index_path.with_name(info["file"])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise IndexFileError(
+                f"index file {path} named by {metadata_path} cannot be read ({exc.strerror or exc})"
+            ) from None
+        if files.sha256_bytes(data) != info.get("sha256"):
+            raise IndexFileError(
+                f"index file {path} does not match the checksum in {metadata_path}; it is damaged, rebuild"
+            )
+    except (KeyError, TypeError) as exc:
+        raise IndexFileError(f"index metadata {metadata_path} lacks {exc}; rebuild the index") from None
+    return manifest, data
+
+
+def read_manifest(metadata_path: Path) -> dict[str, Any]:
+    """The manifest in ``metadata.json``, or :class:`IndexFileError` saying what is wrong with it."""
+    if not metadata_path.is_file():
+        raise IndexFileError(
+            f"no index metadata at {metadata_path}: build the index first (`lookalike index` or build_index())"
+        )
+    try:
+        manifest = json.loads(metadata_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IndexFileError(
+            f"index metadata {metadata_path} is unreadable or damaged ({exc}); rebuild the index"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        raise IndexFileError(f"{metadata_path} is not a lookalike index metadata file")
+    if manifest.get("version") != INDEX_FORMAT_VERSION:
+        raise IndexFileError(
+            f"{metadata_path} has index format version {manifest.get('version')}, this lookalike reads "
+            f"version {INDEX_FORMAT_VERSION}; rebuild the index"
+        )
+    return manifest
+
+
+def _rows_from_manifest(manifest: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    from ..ids import image_id_for
+
+    try:
+        columns = dict(manifest["images"])
+        paths = list(columns.pop("path"))
+        ids = list(columns.pop("image_id", None) or [image_id_for(p) for p in paths])
+        fields = [{"path": p} for p in paths]
+        for name, values in columns.items():
+            if len(values) != len(paths):
+                raise IndexFileError(f"index metadata column {name!r} has {len(values)} rows for {len(paths)} images")
+            for f, v in zip(fields, values):
+                f[name] = v
+        if fields and any(name not in fields[0] for name in REQUIRED_FIELDS):
+            raise KeyError(REQUIRED_FIELDS)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise IndexFileError(f"index metadata lacks the image list ({exc}); rebuild the index") from None
+    return ids, fields
+
+
+def _columns(ids: list[str], fields: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    names = list(REQUIRED_FIELDS) + sorted({k for f in fields for k in f} - set(REQUIRED_FIELDS))
+    out: dict[str, list[Any]] = {"path": [f.get("path", "") for f in fields]}
+    for name in names:
+        if name != "path":
+            out[name] = [f.get(name) for f in fields]
+    out["image_id"] = list(ids)
+    return out
+
+
+def _index_info(index: VectorIndex | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    if index is None:
+        return dict(previous or {})
+    return {"type": index.type_name, "factory": index.factory, "ntotal": index.ntotal, "dim": index.dim}
+
+
+def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:
+    if not (len(ids) == len(vectors) == len(fields)):
+        raise StoreError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows: give one of each")
+    for f in fields:
+        missing = [k for k in REQUIRED_FIELDS if k not in f]
+        if missing:
+            raise StoreError(f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})")
+
+
+def _remove_old_generations(index_path: Path, keep: set[Path]) -> None:
+    for old in index_path.parent.glob(f"{index_path.stem}-*"):
+        if old not in keep and old.is_file() and not old.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+__all__ = ["FaissStore", "choose_index", "read_generation", "read_manifest"]
