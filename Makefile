@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 GROCERY ?= ../shared/data/grocery
 
-.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m clean \
+.PHONY: setup demo test test-fast lint format eval serve load bench bench-1m chaos clean \
 	milvus-server-venv milvus-server test-milvus-server bench-store bench-ray
 
 $(STAMP): pyproject.toml
@@ -83,6 +83,10 @@ bench-store: setup
 ## executor: ray against local extraction on the Grocery catalog
 bench-ray: setup
 	cd benchmarks && ../$(PY) ray_bench.py
+
+## the chaos suite, long: kill -9, concurrent writers, disk full / read-only, fuzzing, restart (results/chaos/)
+chaos: setup
+	cd benchmarks && ../$(PY) -m chaos --out ../results/chaos
 
 clean:
 	rm -rf $(VENV) $(MILVUS_VENV) cache results .pytest_cache .ruff_cache

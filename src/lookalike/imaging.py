@@ -84,7 +84,7 @@ def open_image(source: ImageSource, max_pixels: int, *, draft_size: int | None =
             raise ImageError(name, f"not a supported image (readable formats: {', '.join(ALLOWED_FORMATS)})") from None
         except Image.DecompressionBombError:
             raise ImageError(name, "image is too large (refused as a possible decompression bomb)") from None
-        except OSError as exc:
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's header parsers raise all of these
             raise ImageError(name, f"unreadable image header ({exc})") from None
         fmt = img.format or "unknown"
         _check_size(name, img.size, max_pixels)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -30,18 +31,22 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..engine import ImageSearchEngine, UnknownProductError
+from ..ids import InvalidProductIdError, normalize_product_id
 from ..imaging import ImageError, open_image
 from ..settings import Settings
 from . import schemas
+from .failures import ClientDisconnect, client_gone, trim_memory, write_error_names, write_failed
 from .gate import Overloaded, SearchGate
 from .images import EXTENSIONS, NotInCatalog, Thumbnails, catalog_file, media_type
 from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from .uploads import IMAGE_BODY, IMAGES_BODY, image_error_status, read_images
+from .uploads import IMAGE_BODY, IMAGES_BODY, Upload, image_error_status, read_images, receive_uploads, safe_file_name
 
 logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
-MAX_ID_LENGTH = 200
+MAX_ID_LENGTH = 200  # characters in a path; the id rule (lookalike.ids) then limits its UTF-8 bytes
+TRIM_AFTER_BYTES = 1024 * 1024  # after an upload this big, hand freed heap memory back to the system
+FILE_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
 THUMBNAIL_SIZE = 256
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "style.css": "text/css"}
 SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
@@ -146,6 +151,7 @@ def create_app(
     app.state.lookalike = state
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, _internal_error)
     _routes(app, state)
     return app
@@ -207,14 +213,23 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """The catalog products (or images) that look most like the uploaded photo, best first."""
         start = time.perf_counter()
         require_ready()
-        (photo,) = await read_images(request, settings.max_upload_bytes)
-        run = functools.partial(engine.search, top_k=top_k, by_product=by_product, min_similarity=min_similarity)
+        place = state.gate.reserve()  # refused (503) before a byte of the upload is read
+        photo = b""
         try:
-            hits, waited, ran = await state.gate.run(run, photo)
+            (photo,) = await read_images(request, settings.max_upload_bytes)
+            run = functools.partial(engine.search, top_k=top_k, by_product=by_product, min_similarity=min_similarity)
+            hits, waited, ran = await state.gate.run(run, photo, place=place)
         except ImageError as exc:
             raise HTTPException(
                 image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}"
             ) from None
+        except write_error_names() as exc:  # spooling the upload to disk failed
+            raise write_failed(exc, "receive the photo") from None
+        finally:
+            place.release()  # no-op once the search holds it: its thread gives it back
+            if len(photo) > TRIM_AFTER_BYTES:
+                del photo
+                await run_in_threadpool(trim_memory)
         state.metrics.observe_search(waited, ran)
         return {
             "results": [hit(request, h) for h in hits],
@@ -243,6 +258,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     ):
         """More like this: the other products that look most like a product of the catalog."""
         require_ready()
+        product_id = _product_id(product_id)
         try:
             hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity)
         except UnknownProductError:
@@ -296,14 +312,22 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         tags=["catalog"],
         dependencies=[Depends(require_admin)],
         openapi_extra=IMAGES_BODY,
-        responses=schemas.errors(401, 403, 413, 415, 422, 503),
+        responses=schemas.errors(401, 403, 413, 415, 422, 503, 507),
     )
     async def add_images(request: Request, product_id: str = PathParam(max_length=MAX_ID_LENGTH)):
         """Add photos to a product (a new product is created): copied into the catalog, indexed and saved."""
         require_ready()
-        _check_product_id(product_id)
-        photos = await read_images(request, settings.max_upload_bytes, many=True)
-        out = await run_in_threadpool(_add_photos, engine, settings, product_id, photos)
+        product_id = _product_id(product_id)
+        try:
+            photos = await receive_uploads(request, settings.max_upload_bytes, many=True)
+        except write_error_names() as exc:  # spooling the upload to disk failed
+            raise write_failed(exc, "receive the photos") from None
+        try:
+            out = await run_in_threadpool(_add_photos, engine, settings, product_id, photos)
+        finally:
+            await photos.close()
+            if sum(p.size for p in photos) > TRIM_AFTER_BYTES:
+                await run_in_threadpool(trim_memory)
         root = request.scope.get("root_path", "")
         return {**out, "image_urls": [f"{root}/images/{i}" for i in out["image_ids"]]}
 
@@ -312,17 +336,20 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         response_model=schemas.RemoveProductResponse,
         tags=["catalog"],
         dependencies=[Depends(require_admin)],
-        responses=schemas.errors(401, 403, 404, 503),
+        responses=schemas.errors(401, 403, 404, 422, 503, 507),
     )
     def remove_product(product_id: str = PathParam(max_length=MAX_ID_LENGTH)):
         """Take a product out of the index; its folder moves to the catalog's .removed/ folder (recoverable)."""
         require_ready()
+        product_id = _product_id(product_id)
         try:
             out = engine.remove_product(product_id)
         except UnknownProductError:
             raise HTTPException(404, f"unknown product {product_id!r}") from None
         except ValueError as exc:  # InvalidProductIdError: the id rule
             raise HTTPException(422, str(exc)) from None
+        except write_error_names() as exc:
+            raise write_failed(exc, f"remove product {product_id!r}") from None
         return {"product_id": out["product_id"], "removed": out["removed"], "images": out["images"]}
 
     # --- operations -----------------------------------------------------------------------------------------
@@ -399,33 +426,55 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return Response(data, media_type=SWAGGER_FILES[name], headers={"Cache-Control": "public, max-age=86400"})
 
 
-def _check_product_id(product_id: str) -> None:
-    """The engine refuses ids that are not folder names; the server also refuses control characters."""
-    if not product_id.strip() or any(ord(c) < 32 or ord(c) == 127 for c in product_id):
-        raise HTTPException(422, "invalid product id: it must be a non-blank folder name without control characters")
+def _product_id(product_id: str) -> str:
+    """The canonical form of a product id from a URL (NFC: composed and decomposed "é" are one product), or 422
+    stating the rule (no control or bidi characters, a byte limit that leaves room for every derived file name)."""
+    try:
+        return normalize_product_id(product_id)
+    except InvalidProductIdError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
-def _add_photos(engine: ImageSearchEngine, settings: Settings, product_id: str, photos: list[bytes]) -> dict:
-    """Check each photo, write it under a name made from its content (never the client's file name), add them."""
-    with tempfile.TemporaryDirectory(prefix="lookalike-upload-") as tmp:
-        paths = []
-        for n, data in enumerate(photos, start=1):
-            try:
-                fmt = open_image(data, settings.max_image_pixels).format
-            except ImageError as exc:
-                raise HTTPException(image_error_status(exc.reason), f"photo {n}: {exc.reason}") from None
-            if fmt not in EXTENSIONS:
-                raise HTTPException(415, f"photo {n} is {fmt}; catalog photos must be JPEG, PNG or WebP")
-            path = Path(tmp) / f"{hashlib.sha256(data).hexdigest()[:20]}{EXTENSIONS[fmt]}"
-            path.write_bytes(data)
-            paths.append(path)
-        try:
-            out = engine.add_images(product_id, paths)
-        except ImageError as exc:
-            raise HTTPException(image_error_status(exc.reason), f"cannot add the photos: {exc.reason}") from None
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
+def _add_photos(engine: ImageSearchEngine, settings: Settings, product_id: str, photos: list[Upload]) -> dict:
+    """Check each photo, copy it from its spooled upload under its own (sanitised) file name, or a name made from
+    its content when the client gave none, and add them. A failed write answers 507/503, never 500."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="lookalike-upload-", ignore_cleanup_errors=True) as tmp:
+            out = engine.add_images(product_id, _stage(photos, Path(tmp), settings))
+    except ImageError as exc:
+        raise HTTPException(image_error_status(exc.reason), f"cannot add the photos: {exc.reason}") from None
+    except ValueError as exc:  # InvalidProductIdError included
+        raise HTTPException(422, str(exc)) from None
+    except write_error_names() as exc:
+        raise write_failed(exc, f"add photos to product {product_id!r}") from None
     return {k: out[k] for k in ("product_id", "added", "images", "image_ids")}
+
+
+def _stage(photos: list[Upload], tmp: Path, settings: Settings) -> list[Path]:
+    """Each distinct photo in its own folder under ``tmp`` (two parts may carry the same name), checked and named."""
+    paths, seen = [], set()
+    for n, photo in enumerate(photos, start=1):
+        photo.file.seek(0)
+        digest = hashlib.file_digest(photo.file, "sha256").hexdigest()
+        if digest in seen:  # the same photo twice in one request is one photo
+            continue
+        seen.add(digest)
+        folder = tmp / str(n)
+        folder.mkdir()
+        staged = folder / "upload"
+        photo.file.seek(0)
+        with staged.open("wb") as f:
+            shutil.copyfileobj(photo.file, f)
+        try:
+            fmt = open_image(staged, settings.max_image_pixels).format
+        except ImageError as exc:
+            raise HTTPException(image_error_status(exc.reason), f"photo {n}: {exc.reason}") from None
+        if fmt not in EXTENSIONS:
+            raise HTTPException(415, f"photo {n} is {fmt}; catalog photos must be JPEG, PNG or WebP")
+        path = folder / safe_file_name(photo.filename, FILE_EXTENSIONS[fmt], digest[:20])
+        staged.rename(path)
+        paths.append(path)
+    return paths
 
 
 def _scrub_paths(value: Any, root: Path) -> Any:

@@ -53,16 +53,26 @@ class SearchGate:
                 "queue_size": self.queue_size,
             }
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
-        """Run ``fn(*args)`` in a worker thread; returns (result, seconds waited, seconds run)."""
+    def reserve(self) -> Place:
+        """Take a place (running or waiting) now, or raise :class:`Overloaded`. A request reserves its place before
+        it reads its upload, so a request that would be refused is refused before its body is buffered."""
         with self._lock:
             if self._admitted >= self.capacity:
                 self._rejected += 1
                 raise Overloaded(self._retry_after())
             self._admitted += 1
+        return Place(self)
+
+    async def run(self, fn: Callable[..., T], *args: Any, place: Place | None = None) -> tuple[T, float, float]:
+        """Run ``fn(*args)`` in a worker thread; returns (result, seconds waited, seconds run). With ``place`` (from
+        :meth:`reserve`) the call uses it; the place is given back when the thread has finished."""
+        if place is None:
+            place = self.reserve()
+        with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lookalike-search")
             pool = self._pool
+        place.handed = True
         submitted = time.perf_counter()
         times: list[float] = []
 
@@ -82,15 +92,12 @@ class SearchGate:
         try:
             future = pool.submit(call)
         except BaseException:
-            self._leave()
+            place.handed = False
+            place.release()
             raise
-        future.add_done_callback(lambda _: self._leave())
+        future.add_done_callback(lambda _: place.finish())
         result = await asyncio.wrap_future(future)
         return result, times[0], times[1]
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._admitted -= 1
 
     def _retry_after(self) -> int:
         """Seconds until the queue has probably drained: queued calls x average run time / threads, 1 to 30."""
@@ -102,3 +109,24 @@ class SearchGate:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Place:
+    """A reserved place in the gate. ``release()`` gives it back unless it was handed to :meth:`SearchGate.run`
+    (then the worker thread gives it back when the call ends); giving back twice is harmless."""
+
+    def __init__(self, gate: SearchGate):
+        self._gate = gate
+        self._done = False
+        self.handed = False
+
+    def release(self) -> None:
+        if not self.handed:
+            self.finish()
+
+    def finish(self) -> None:
+        with self._gate._lock:
+            if self._done:
+                return
+            self._done = True
+            self._gate._admitted -= 1

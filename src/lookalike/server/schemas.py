@@ -88,8 +88,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         404: "unknown product or image",
         413: "upload larger than max_upload_bytes, or an image with too many pixels",
         415: "not an image, or not a format that is accepted",
-        422: "invalid parameters, or an image that cannot be decoded",
-        503: "overloaded or the index is not loaded yet: see Retry-After",
+        422: "invalid parameters or product id (the rule is in the message), or an image that cannot be decoded",
+        503: "overloaded, the index is not loaded yet, or the catalog is read-only or busy: see Retry-After",
+        507: "the server's disk is full: the catalog change was not made",
     }.items()
 }
 
