@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, cli_products
 from .settings import SECRET_SETTINGS, Settings, settings_fields
 
 logger = logging.getLogger("lookalike")
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="offline demo on photos shipped with scikit-image")
     p.add_argument("--workdir", help="where to write the demo catalog and index (default: a temporary folder)")
+    cli_products.add_parsers(sub, common)  # records, regions, export
     return parser
 
 
@@ -267,6 +268,7 @@ COMMANDS = {
     "remove": cmd_remove,
     "serve": cmd_serve,
     "demo": cmd_demo,
+    **cli_products.COMMANDS,
 }
 
 

@@ -526,6 +526,7 @@ __all__ = [
     "RecordsError",
     "RecordsLoad",
     "RecordsReport",
+    "catalog_products",
     "find_records_file",
     "load_saved_records",
     "read_records",
@@ -535,4 +536,22 @@ __all__ = [
     "records_path",
     "refresh_records",
     "save_records",
+    "update_records",
 ]
+
+
+def catalog_products(root: Path) -> list[str]:
+    """The product folders of a catalog (hidden folders such as ``.removed`` are not products)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def update_records(data_dir: Path, metadata_path: Path) -> tuple[dict[str, ProductRecord], RecordsReport]:
+    """``lookalike records``: re-read the catalog's records file, reconcile it with the product folders and save
+    it beside the index manifest. No image is read; a loaded engine picks the new table up on its next load."""
+    records, report = refresh_records(data_dir, catalog_products(data_dir))
+    save_records(records_path(metadata_path), records, source=report.source)
+    report.log()
+    return records, report
