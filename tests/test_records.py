@@ -19,6 +19,7 @@ from lookalike.records import (
     records_path,
     refresh_records,
     save_records,
+    with_records,
 )
 
 GOOD_CSV = """product_id,name,url,price,currency,category,brand,tags,stock,colour
@@ -211,3 +212,11 @@ def test_save_and_load_round_trip_atomically(tmp_path):
     path.write_text("{not json")
     with pytest.raises(RecordsError, match=f"{path}: saved records are unreadable"):
         load_saved_records(path)
+
+
+def test_with_records_adds_the_record_to_every_hit():
+    records = {"a": ProductRecord("a", name="A", price=1.0)}
+    hits = with_records([{"product_id": "a", "similarity": 0.9}, {"product_id": "b", "similarity": 0.5}], records)
+    assert hits[0]["record"] == {"product_id": "a", "name": "A", "price": 1.0}
+    assert hits[1]["record"] is None
+    json.dumps(hits)  # JSON-ready as the server returns it

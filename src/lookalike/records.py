@@ -537,6 +537,7 @@ __all__ = [
     "refresh_records",
     "save_records",
     "update_records",
+    "with_records",
 ]
 
 
@@ -555,3 +556,14 @@ def update_records(data_dir: Path, metadata_path: Path) -> tuple[dict[str, Produ
     save_records(records_path(metadata_path), records, source=report.source)
     report.log()
     return records, report
+
+
+def with_records(hits: Iterable[dict[str, Any]], records: Mapping[str, ProductRecord]) -> list[dict[str, Any]]:
+    """The hits, each with its product's ``record`` (:meth:`ProductRecord.to_dict`, None without one): what
+    the engine returns from every search once records are loaded. The hit dicts are updated in place."""
+    out = []
+    for hit in hits:
+        record = records.get(hit["product_id"])
+        hit["record"] = None if record is None else record.to_dict()
+        out.append(hit)
+    return out
