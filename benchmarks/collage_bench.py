@@ -76,14 +76,15 @@ def collage(items: list[tuple[str, Path]], layout: tuple[int, int], seed: int) -
     return canvas, tiles
 
 
-def tile_found(tile_box: tuple, product: str, regions) -> tuple[bool, bool]:
-    """(found, has_region): the best region whose centre lies in the tile returns ``product`` first."""
+def tile_found(tile_box: tuple, product: str, regions) -> tuple[bool, bool, bool]:
+    """(found, has_region, is_match): the best region whose centre lies in the tile returns ``product`` first;
+    is_match: its first hit clears the calibrated no-match threshold."""
     x0, y0, x1, y1 = tile_box
     inside = [r for r in regions if x0 <= (r.box[0] + r.box[2]) / 2 < x1 and y0 <= (r.box[1] + r.box[3]) / 2 < y1]
     if not inside:
-        return False, False
+        return False, False, False
     best = max(inside, key=lambda r: r.score)
-    return best.product_id == product, True
+    return best.product_id == product, True, bool(best.hits[0].get("match", True))
 
 
 def main() -> None:
@@ -92,6 +93,13 @@ def main() -> None:
     ap.add_argument("--layouts", default="2x2,1x3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--refine", type=int, default=1)
+    ap.add_argument(
+        "--only-matches",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep only regions above the calibrated no-match threshold (search_regions' default); off by default "
+        "here so that a tile counts like a single photo's first result",
+    )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/lookalike-collage-bench/cache"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -111,22 +119,24 @@ def main() -> None:
         n = layout[0] * layout[1]
         sets = groups(by_product, n, args.seed)[: args.limit]
         used = [(p, path) for s in sets for p, path in s]
-        single = engine.search_batch([path for _, path in used], top_k=1)
-        single_img = engine.search_batch([path for _, path in used], top_k=1, by_product=False)
+        raw = engine.extractor.extract([path for _, path in used], progress=False).vectors
+        single = engine.search_vectors(raw, top_k=1)
+        single_img = engine.search_vectors(raw, top_k=1, by_product=False)
         single_top1 = float(np.mean([bool(h) and h[0]["product_id"] == p for (p, _), h in zip(used, single)]))
         single_r1 = float(np.mean([bool(h) and h[0]["product_id"] == p for (p, _), h in zip(used, single_img)]))
-        found = have = regions_total = 0
+        found = have = regions_total = found_match = 0
         start = time.perf_counter()
         per = []
         for i, items in enumerate(sets):
             image, tiles = collage(items, layout, seed=args.seed * 100_000 + i)
-            regions = search_regions(engine, image, top_k=5, refine=args.refine)
+            regions = search_regions(engine, image, top_k=5, refine=args.refine, only_matches=args.only_matches)
             regions_total += len(regions)
             for product, box in tiles:
-                f, h = tile_found(box, product, regions)
+                f, h, m = tile_found(box, product, regions)
                 found += f
                 have += h
-                per.append({"collage": i, "product": product, "found": f})
+                found_match += f and m
+                per.append({"collage": i, "product": product, "found": f, "match": m})
         seconds = time.perf_counter() - start
         tiles_n = len(used)
         row = {
@@ -134,6 +144,7 @@ def main() -> None:
             "collages": len(sets),
             "tiles": tiles_n,
             "found_rate": found / tiles_n,
+            "found_and_match": found_match / tiles_n,
             "tiles_with_region": have / tiles_n,
             "regions_per_collage": regions_total / max(1, len(sets)),
             "single_product_top1": single_top1,
@@ -145,7 +156,14 @@ def main() -> None:
         details[name] = per
         print_table([row], list(row), title=f"collages {name}")
     payload: dict[str, Any] = {
-        "settings": {"model": settings.model_name, "canvas": CANVAS, "seed": args.seed, "refine": args.refine},
+        "settings": {
+            "model": settings.model_name,
+            "canvas": CANVAS,
+            "seed": args.seed,
+            "refine": args.refine,
+            "only_matches": args.only_matches,
+            "limit": args.limit,
+        },
         "results": rows,
         "tiles": details,
     }

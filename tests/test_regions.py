@@ -89,6 +89,7 @@ def test_select_regions_keeps_the_best_window_per_object_and_per_product():
     assert "e" in {r.product_id for r in select_regions(boxes, hits)}  # no similarity floor: kept
     # a calibrated index says which hits are matches; non-matches never become regions
     assert select_regions([(0, 0, 5, 5)], [hit("a", 0.9, match=False)]) == []
+    assert select_regions([(0, 0, 5, 5)], [hit("a", 0.9, match=False)], only_matches=False)[0].product_id == "a"
     assert select_regions([(0, 0, 5, 5)], [[]]) == []
 
 

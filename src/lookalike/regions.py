@@ -132,12 +132,13 @@ def select_regions(
     max_regions: int = 10,
     iou_threshold: float = 0.3,
     contain_threshold: float = 0.6,
+    only_matches: bool = True,
 ) -> list[RegionResult]:
     """Non-maximum suppression over scored windows, one region per product, best first.
 
     A window scores its first hit's similarity; it is kept when that reaches ``min_similarity`` (and, where the
-    index is calibrated, the hit is a ``match``), its product is not taken, and it does not :func:`overlaps` a
-    kept region.
+    index is calibrated and ``only_matches``, the hit is a ``match``), its product is not taken, and it does not
+    :func:`overlaps` a kept region.
     """
     order = sorted(
         (i for i, h in enumerate(hits) if h), key=lambda i: (-float(hits[i][0]["similarity"]), _area(boxes[i]))
@@ -149,7 +150,7 @@ def select_regions(
         score = float(top["similarity"])
         if min_similarity is not None and score < min_similarity:
             break
-        if top.get("match") is False or top["product_id"] in taken:
+        if (only_matches and top.get("match") is False) or top["product_id"] in taken:
             continue
         if any(
             overlaps(boxes[i], k.box, iou_threshold=iou_threshold, contain_threshold=contain_threshold) for k in kept
@@ -173,13 +174,16 @@ def search_regions(
     refine: int = 1,
     iou_threshold: float = 0.3,
     contain_threshold: float = 0.6,
+    only_matches: bool = True,
     **search_kwargs: Any,
 ) -> list[RegionResult]:
     """The products in a photo of several: (box, hits) per region, best region first.
 
-    ``proposals`` default to :func:`propose_regions`. ``refine`` rounds of local search (shifted and rescaled
-    boxes) move each kept box to where its product scores best. ``search_kwargs`` go to ``engine.search_batch``
-    (e.g. ``where=`` once the engine filters). Boxes are in pixels of the photo as given (EXIF-rotated).
+    ``proposals`` default to :func:`propose_regions`. With ``only_matches`` (default) a calibrated index keeps
+    only regions whose best hit is a match (above the no-match threshold). ``refine`` rounds of local search
+    (shifted and rescaled boxes) move each kept box to where its product scores best. ``search_kwargs`` go to
+    ``engine.search_batch`` (e.g. ``where=`` once the engine filters). Boxes are in pixels of the photo as given
+    (EXIF-rotated).
     """
     settings = getattr(engine, "settings", None)
     max_pixels = getattr(settings, "max_image_pixels", 40_000_000)
@@ -196,6 +200,7 @@ def search_regions(
         max_regions=max_regions,
         iou_threshold=iou_threshold,
         contain_threshold=contain_threshold,
+        only_matches=only_matches,
     )
     for _ in range(max(0, refine)):
         kept = _refine(engine, work, factor, photo.size, kept, top_k, search_kwargs)
