@@ -114,6 +114,22 @@ def main() -> None:
     by_product = photos_by_product(GROCERY / "queries")
 
     rows, details = [], {}
+
+    def save() -> Path:  # after every layout, so a long run that is stopped keeps what it measured
+        payload: dict[str, Any] = {
+            "settings": {
+                "model": settings.model_name,
+                "canvas": CANVAS,
+                "seed": args.seed,
+                "refine": args.refine,
+                "only_matches": args.only_matches,
+                "limit": args.limit,
+            },
+            "results": rows,
+            "tiles": details,
+        }
+        return write_results("collage", payload, args.out)
+
     for name in args.layouts.split(","):
         layout = LAYOUTS[name]
         n = layout[0] * layout[1]
@@ -155,19 +171,8 @@ def main() -> None:
         rows.append(row)
         details[name] = per
         print_table([row], list(row), title=f"collages {name}")
-    payload: dict[str, Any] = {
-        "settings": {
-            "model": settings.model_name,
-            "canvas": CANVAS,
-            "seed": args.seed,
-            "refine": args.refine,
-            "only_matches": args.only_matches,
-            "limit": args.limit,
-        },
-        "results": rows,
-        "tiles": details,
-    }
-    path = write_results("collage", payload, args.out)
+        save()
+    path = save()
     print_table(rows, list(rows[0]), title="region search on collages vs single photos")
     print(f"wrote {path}")
 
