@@ -18,9 +18,11 @@ class ColourEngine:
 
     def __init__(self):
         self.calls: list[int] = []
+        self.kwargs: list[dict] = []
 
     def search_batch(self, queries, top_k=5, **kwargs):
         self.calls.append(len(queries))
+        self.kwargs.append(kwargs)
         out = []
         for img in queries:
             arr = np.asarray(img.convert("RGB"), dtype=np.int32)
@@ -105,6 +107,8 @@ def test_search_regions_finds_each_object_and_tightens_its_box():
     unrefined = search_regions(engine, photo, top_k=3, min_similarity=0.5, refine=0)
     assert sum(r.score for r in regions) >= sum(r.score for r in unrefined)
     assert len(engine.calls) == 2 + 1  # one batch of proposals, one of refinements; then one batch (refine=0)
+    search_regions(engine, photo, where={"category": "dairy"})
+    assert engine.kwargs[-1] == {"where": {"category": "dairy"}}  # search options reach every batch search
 
 
 def test_search_regions_on_a_large_photo_works_on_a_small_copy_and_reports_full_size_boxes():
