@@ -51,10 +51,9 @@ def build_synthetic(wd: Workdir, images: int, *, per_product: int = 4, seed: int
 
 
 def _save_through_store(engine, raw: np.ndarray, paths: list[str], labels: list[str]) -> None:
-    from lookalike.manifest import build_manifest, save_projection
-
     from lookalike import files
     from lookalike.ids import image_id_for
+    from lookalike.manifest import build_manifest, save_projection
     from lookalike.stores import open_store
     from lookalike.tuning import adapt
 

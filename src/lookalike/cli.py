@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, cli_products
 from .settings import SECRET_SETTINGS, Settings, default_text, describe_setting, settings_fields
 
 logger = logging.getLogger("lookalike")
@@ -46,7 +46,10 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "add": _OPEN,
     "remove": _OPEN,
     "serve": (*_OPEN, *_SERVER),
-    "eval": ("cache_dir", *_BUILD, *_RUN),
+    "eval": ("cache_dir", *_BUILD, *_RUN, *_STORE),
+    "records": (*_PATHS, *_CATALOG),
+    "regions": _OPEN,
+    "export": _OPEN,
     "demo": _BUILD + _RUN,
 }
 
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "offline demo on photos shipped with scikit-image")
     p.add_argument("--workdir", help="where to write the demo catalog and index (default: a temporary folder)")
+    cli_products.add_parsers(command)  # records, regions, export
     return parser
 
 
@@ -366,6 +370,7 @@ COMMANDS = {
     "remove": cmd_remove,
     "serve": cmd_serve,
     "demo": cmd_demo,
+    **cli_products.COMMANDS,
 }
 
 

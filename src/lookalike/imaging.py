@@ -7,7 +7,9 @@ and report it, and a query can be answered with a clear message.
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +144,46 @@ def _to_rgb(name: str, img: Image.Image) -> Image.Image:
         return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
     except (ValueError, OSError) as exc:
         raise ImageError(name, f"cannot convert colour mode {mode} to RGB ({exc})") from None
+
+
+Box = tuple[float, float, float, float]
+
+
+def crop_box(image: Image.Image, box: Sequence[float], *, source: str = "<query>") -> Image.Image:
+    """The part of ``image`` inside ``box`` = (x0, y0, x1, y1) in pixels (x1, y1 exclusive), clipped to the image.
+
+    Raises :class:`ImageError` for a box that is not four finite numbers with x0 < x1 and y0 < y1, or that
+    leaves no pixel once clipped (it lies outside the image).
+    """
+    x0, y0, x1, y1 = parse_box(box, source=source)
+    w, h = image.size
+    cx0, cy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    cx1, cy1 = min(w, math.ceil(x1)), min(h, math.ceil(y1))
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise ImageError(source, f"box {_box_text((x0, y0, x1, y1))} lies outside the {w}x{h} image")
+    return image.crop((cx0, cy0, cx1, cy1))
+
+
+def parse_box(box: Sequence[float] | str, *, source: str = "<query>") -> Box:
+    """A box from four numbers or the text ``"x0,y0,x1,y1"`` (CLI ``--box``, HTTP ``box=``), checked."""
+    if isinstance(box, str):
+        parts = [p.strip() for p in box.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ImageError(source, f"box {box!r} is not four numbers x0,y0,x1,y1 (pixels)") from None
+    else:
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            raise ImageError(source, f"box {box!r} is not four numbers x0,y0,x1,y1 (pixels)") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ImageError(source, f"box {box!r} is not four finite numbers x0,y0,x1,y1 (pixels)")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise ImageError(source, f"box {_box_text(values)} is empty: it needs x0 < x1 and y0 < y1")
+    return x0, y0, x1, y1
+
+
+def _box_text(box: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in box) + ")"

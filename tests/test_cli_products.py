@@ -1,0 +1,63 @@
+"""The product subcommands: lookalike records / regions / export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PRODUCTS, product_image
+from lookalike.cli import main
+from lookalike.export import read_export
+from lookalike.records import load_saved_records
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("LOOKALIKE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def flags(tmp_path, catalog) -> list[str]:
+    return ["--model-name", "test_tiny", "--data-dir", str(catalog), "--cache-dir", str(tmp_path / "cache")]
+
+
+def test_records_command_reports_and_saves(flags, catalog, tmp_path, capsys):
+    (catalog / "products.csv").write_text("product_id,name,price\nred-disc,Red,2\ngreen-bar,Green,abc\nghost,G,1\n")
+    assert main(["records", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "2 record(s) from" in out and "1 line(s) skipped" in out and "record without a folder: ghost" in out
+    assert "products.csv:3: column price: 'abc' is not a number" in out
+    saved = load_saved_records(tmp_path / "cache" / "records.json")
+    assert saved["red-disc"].name == "Red" and set(saved) == {"red-disc", "ghost"}
+    assert main(["records", *flags, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["products_without_record"] == sorted(set(PRODUCTS) - {"red-disc"})
+
+
+def test_regions_and_export_commands(flags, tmp_path, capsys):
+    assert main(["index", *flags]) == 0
+    canvas = Image.new("RGB", (400, 200), (128, 128, 128))
+    canvas.paste(product_image(0, 60, size=180), (10, 10))
+    canvas.paste(product_image(1, 60, size=180), (210, 10))
+    canvas.save(tmp_path / "two.png")
+    capsys.readouterr()
+    assert main(["regions", str(tmp_path / "two.png"), *flags, "--json"]) == 0
+    regions = json.loads(capsys.readouterr().out)
+    assert {r["hits"][0]["product_id"] for r in regions} >= {"red-disc", "green-bar"}
+    assert main(["regions", str(tmp_path / "two.png"), *flags]) == 0
+    assert "1. box " in capsys.readouterr().out
+
+    assert main(["export", str(tmp_path / "out.parquet"), *flags]) == 0
+    got = read_export(tmp_path / "out.parquet")
+    assert len(got.image_ids) == sum(PRODUCTS.values()) and np.isfinite(got.vectors).all()
+    assert main(["export", str(tmp_path / "out.parquet"), *flags]) == 1  # exists: refused, one line on stderr
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "npy"), "--format", "npy", *flags]) == 0
+    assert (tmp_path / "npy" / "vectors.npy").is_file()
