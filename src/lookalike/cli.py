@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", parents=[common], help="fit a projection on the catalog's own products and reindex")
 
+    p = sub.add_parser("doctor", parents=[common], help="check the catalog: duplicates, mislabels, outliers, blur")
+    p.add_argument("--catalog", help="catalog folder to check (default: data_dir)")
+    p.add_argument("--out", default="doctor-report", metavar="DIR", help="where to write doctor.html and doctor.json")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+
     p = sub.add_parser("add", parents=[common], help="add images to a product (copied into data_dir) and index them")
     p.add_argument("product_id")
     p.add_argument("images", nargs="+")
@@ -211,6 +216,28 @@ def cmd_tune(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_doctor(args, settings: Settings) -> int:
+    from .doctor import diagnose
+
+    report = diagnose(settings, data_dir=args.catalog, out_dir=Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    c = report["counts"]
+    print(f"checked {c['checked']} of {c['images']} photos of {c['products']} products")
+    for key, what in (
+        ("duplicates", "duplicate pair(s) across products"),
+        ("mislabelled", "photo(s) that look like another product"),
+        ("outliers", "outlier(s) within their product"),
+        ("tiny", "tiny photo(s)"),
+        ("blurred", "blurred photo(s)"),
+        ("unreadable", "unreadable file(s)"),
+    ):
+        print(f"{len(report[key]):5d} {what}")
+    print(f"wrote {Path(args.out) / 'doctor.html'} and doctor.json")
+    return 0
+
+
 def cmd_add(args, settings: Settings) -> int:
     out = _engine(settings).add_images(args.product_id, args.images)
     print(f"added {out['added']} image(s) to {out['product_id']}; the index now holds {out['images']} images")
@@ -263,6 +290,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "eval": cmd_eval,
     "tune": cmd_tune,
+    "doctor": cmd_doctor,
     "add": cmd_add,
     "remove": cmd_remove,
     "serve": cmd_serve,
