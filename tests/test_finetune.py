@@ -96,3 +96,13 @@ def test_safetensors_weights_path_errors_name_the_file(tmp_path: Path):
         build_backbone("efficientnet_lite0", weights_path=bad)
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         build_backbone("efficientnet_lite0", weights_path=tmp_path / "missing.safetensors")
+
+
+def test_cli_tune_finetune_reports_a_decline(big_catalog: Path, tmp_path: Path, capsys, monkeypatch):
+    from lookalike.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ft, "FinetuneConfig", lambda: FAST)
+    args = ["tune", "--method", "finetune", "--model-name", "test_tiny", "--data-dir", str(big_catalog)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "fine-tuning declined: on held-out catalog photos" in capsys.readouterr().out
