@@ -104,7 +104,10 @@ def build_backbone(name: str, *, weights_path: Path | None = None, pretrained: b
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random-init backbones are the same in every process
         module = spec.architecture()
-    if spec.load_state is None:
+    if spec.load_state is None and weights_path is not None:  # e.g. a fine-tuned test backbone
+        state, fingerprint = _load_local(weights_path)
+        _load_exact(module, state, name)
+    elif spec.load_state is None:
         fingerprint = "random-init-seed0"
     elif not pretrained and weights_path is None:
         logger.warning("model %s runs with RANDOM weights (pretrained=false): its results mean nothing", name)
@@ -180,9 +183,25 @@ def _torch_load(path: Path) -> dict:
         raise WeightsUnavailableError(f"weights file {path} cannot be loaded as a PyTorch state dict: {exc}") from None
 
 
+def _safetensors_load(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsUnavailableError(f"weights file {path} is safetensors: pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError:
+        raise WeightsUnavailableError(f"weights file {path} does not exist (weights_path)") from None
+    except Exception as exc:
+        raise WeightsUnavailableError(f"weights file {path} cannot be loaded as safetensors: {exc}") from None
+
+
 def _load_local(weights_path: Path) -> tuple[dict, str]:
+    """A local checkpoint: safetensors (``.safetensors``, e.g. from ``lookalike tune --method finetune``) or a
+    PyTorch state dict; its sha256 is the weights fingerprint, so a fine-tuned model is a model of its own."""
     path = Path(weights_path).expanduser()
-    return _torch_load(path), "sha256:" + file_sha256(path)
+    state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
+    return state, "sha256:" + file_sha256(path)
 
 
 # --- torchvision ImageNet backbones (the seed's), fetched the standard way into the torch hub cache --------

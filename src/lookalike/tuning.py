@@ -123,6 +123,12 @@ def _holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray,
     return {"product_recall@1": recall, "map@r": float(np.mean(ap)), "queries": len(labels)}
 
 
+def holdout_quality(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> dict:
+    """Product Recall@1 (products scored as ``search()`` does) and image MAP@R of ``queries`` against ``db``; what
+    fine-tuning (:mod:`lookalike.finetune`) and the doctor compare against."""
+    return _holdout_quality(db, db_labels, queries, labels)
+
+
 def product_sample(labels: np.ndarray, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """A mask of the rows of at most ``limit`` (default MAX_CHECK_PRODUCTS) products, all of them when there are
     fewer, chosen seeded."""

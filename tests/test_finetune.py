@@ -1,0 +1,108 @@
+"""Fine-tuning with the tiny test backbone: the trunk/tail split is exact, the checkpoint is safetensors that loads
+through weights_path as a model of its own, and it declines with a reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_catalog
+from lookalike import finetune as ft
+from lookalike.backbones import build_backbone, file_sha256
+from lookalike.embedding import FeatureExtractor
+
+FAST = ft.FinetuneConfig(epochs=2, views=2, batch_size=32)
+
+
+@pytest.fixture
+def big_catalog(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setattr(ft, "MIN_IMAGES", 40)
+    root = tmp_path / "catalog"
+    write_catalog(root, {f"p{i}": 6 for i in range(8)})
+    return root
+
+
+@pytest.mark.parametrize("name", ["test_tiny", "efficientnet_lite0"])
+def test_tail_of_trunk_is_the_backbone(name: str):
+    model = build_backbone(name, pretrained=False).module
+    trunk, tail, params = ft.split_backbone(model, 2 if name != "test_tiny" else 1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = model(x), tail(trunk(x))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e)
+    trained = {id(p) for p in params}
+    assert trained and all(id(p) in trained for p in model._conv_head.parameters()) if name != "test_tiny" else True
+
+
+def test_split_refuses_other_architectures():
+    with pytest.raises(ValueError, match="efficientnet_lite"):
+        ft.split_backbone(torch.nn.Linear(2, 2), 1)
+
+
+def test_declines_a_small_catalog(make_settings, tmp_path: Path):
+    root = tmp_path / "small"
+    write_catalog(root, {"a": 3, "b": 3})
+    with pytest.raises(ft.FinetuneDeclined, match="fine-tuning needs 200 photos"):
+        ft.finetune(make_settings(data_dir=root), progress=False)
+
+
+def test_declines_when_lda_is_as_good(big_catalog: Path, make_settings):
+    # Synthetic products are told apart perfectly by the LDA already: nothing to gain.
+    with pytest.raises(ft.FinetuneDeclined, match="keeping the base model"):
+        ft.finetune(make_settings(data_dir=big_catalog), config=FAST, progress=False)
+
+
+def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings, tmp_path: Path):
+    settings = make_settings(data_dir=big_catalog)
+    cfg = ft.FinetuneConfig(epochs=3, views=2, batch_size=16, lr=1e-2, require_gain=False)
+    result = ft.finetune(settings, config=cfg, out_path=tmp_path / "ft.safetensors", progress=False)
+    assert result.path == tmp_path / "ft.safetensors"
+    assert result.sha256 == file_sha256(result.path)
+    sidecar = json.loads(result.path.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == result.sha256 and sidecar["images"] == 48 and sidecar["held_out"] == 16
+    assert set(sidecar["validation"]) == {"untuned", "lda", "finetuned", "finetuned+lda"}
+    assert sidecar["seconds"]["wall"] > 0 and len(sidecar["history"]) >= 1
+
+    base = FeatureExtractor(settings)
+    tuned = FeatureExtractor(settings.replace(weights_path=result.path))
+    assert tuned.weights_fingerprint == result.fingerprint != base.weights_fingerprint
+    assert tuned.fingerprint != base.fingerprint  # caches and manifests never mix
+    photo = sorted(big_catalog.glob("p0/*.jpg"))[0]
+    a, b = base.extract_features(photo), tuned.extract_features(photo)
+    assert a.shape == b.shape and not np.allclose(a, b)  # the head really changed
+
+
+def test_excluded_products_are_not_seen(big_catalog: Path, make_settings, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(ft, "MIN_IMAGES", 30)
+    cfg = ft.FinetuneConfig(epochs=1, views=1, batch_size=16, require_gain=False)
+    result = ft.finetune(
+        make_settings(data_dir=big_catalog), config=cfg, exclude_products={"p0", "p1"}, progress=False,
+        out_path=tmp_path / "x.safetensors",
+    )  # fmt: skip
+    assert result.info["products"] == 6 and result.info["excluded_products"] == ["p0", "p1"]
+
+
+def test_safetensors_weights_path_errors_name_the_file(tmp_path: Path):
+    from lookalike.backbones import WeightsUnavailableError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(WeightsUnavailableError, match=r"bad\.safetensors cannot be loaded as safetensors"):
+        build_backbone("efficientnet_lite0", weights_path=bad)
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_backbone("efficientnet_lite0", weights_path=tmp_path / "missing.safetensors")
+
+
+def test_cli_tune_finetune_reports_a_decline(big_catalog: Path, tmp_path: Path, capsys, monkeypatch):
+    from lookalike.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ft, "FinetuneConfig", lambda: FAST)
+    args = ["tune", "--method", "finetune", "--model-name", "test_tiny", "--data-dir", str(big_catalog)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "fine-tuning declined: on held-out catalog photos" in capsys.readouterr().out

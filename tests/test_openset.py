@@ -1,0 +1,39 @@
+"""No-match scores on seeded synthetic vectors: products as tight clusters, unknown products elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lookalike import openset
+
+
+def clusters(seed: int = 0, products: int = 8, per: int = 6, dim: int = 16, noise: float = 0.15):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(products, dim))
+    x = np.repeat(centres, per, axis=0) + noise * rng.normal(size=(products * per, dim))
+    labels = np.repeat(np.array([f"p{i}" for i in range(products)], dtype=object), per)
+    return x.astype(np.float32), labels
+
+
+def test_prototypes_are_unit_means():
+    x, labels = clusters()
+    products, protos = openset.prototypes(x, labels)
+    assert list(products) == [f"p{i}" for i in range(8)]
+    np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0, rtol=1e-5)
+
+
+def test_unknown_products_score_lower_and_operating_point_counts():
+    x, labels = clusters()
+    known = np.isin(labels, [f"p{i}" for i in range(6)])
+    db, db_labels = x[known][::2], labels[known][::2]  # half of each known product's photos indexed
+    queries, q_labels = x[1::2], labels[1::2]  # the other half of every product, p6 and p7 unknown
+    out = openset.measure(queries, q_labels, db, db_labels, threshold=0.5)
+    assert out["in_catalog_queries"] == 18 and out["unknown_queries"] == 6
+    assert out["recall@1_in_catalog"] == 1.0
+    for name in ("product", "prototype", "energy"):
+        assert out["auroc"][name] > 0.95, name
+    assert out["correct_flagged_match"] == 1.0 and out["unknown_flagged_no_match"] == 1.0
+    s = openset.scores(queries, db, db_labels)
+    assert (s["margin"] >= 0).all() and (s["energy"] >= s["prototype"] - 1e-6).all()
+    high = openset.measure(queries, q_labels, db, db_labels, threshold=1.01)
+    assert high["correct_flagged_match"] == 0.0 and high["unknown_flagged_no_match"] == 1.0
