@@ -44,8 +44,8 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     AUROC of each score and the operating point at the build's calibrated threshold."""
     from lookalike import openset
     from lookalike.embedding import FeatureExtractor
-    from lookalike.engine import adapt
     from lookalike.evaluation import embed_folder
+    from lookalike.tuning import adapt
 
     extractor = FeatureExtractor(settings)
     cat = embed_folder(extractor, settings, grocery / "catalog")

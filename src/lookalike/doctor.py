@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .cache import EmbeddingCache, embed_with_cache
 from .catalog import CatalogImage, scan_catalog
+from .files import atomic_write_bytes
 from .imaging import ImageError, open_image
-from .index import l2_normalize
+from .ranking import l2_normalize
 from .settings import Settings
-from .store import EmbeddingCache, atomic_write_bytes
 from .tuning import MIN_PRODUCTS, SHRINKAGE, eligible, lda, product_scores
 
 logger = logging.getLogger(__name__)
@@ -159,14 +160,14 @@ def diagnose(
     them). With ``out_dir``, ``doctor.json`` and ``doctor.html`` are written there (atomically).
     """
     from .embedding import FeatureExtractor
-    from .engine import embed_with_cache
 
     start = time.perf_counter()
     root = Path(data_dir if data_dir is not None else settings.data_dir).expanduser().resolve()
     images = scan_catalog(root)
     extractor = extractor if extractor is not None else FeatureExtractor(settings)
     cache = EmbeddingCache.for_catalog(settings.cache_dir, extractor.fingerprint, root)
-    raw, _, errors, _ = embed_with_cache(extractor, images, cache, progress=progress)
+    embedded = embed_with_cache(extractor, images, cache, progress=progress)
+    raw, errors = embedded.vectors, embedded.errors
     facts = [photo_facts(im.path, settings.max_image_pixels) for im in images]
     unreadable = [
         {"path": _rel(images[i], root), "reason": reason}

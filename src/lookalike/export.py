@@ -179,7 +179,7 @@ def _write_parquet(out, rows, vectors, records, summary) -> None:
 
 
 def _write_npy(out, rows, vectors, records, summary) -> None:
-    from .store import atomic_write_json
+    from .files import atomic_write_json
 
     products = sorted({r["product_id"] for r in rows})
     sidecar = {

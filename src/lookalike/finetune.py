@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from .catalog import scan_catalog
+from .files import atomic_write_bytes
 from .imaging import ImageError, open_image
 from .settings import Settings
-from .store import atomic_write_bytes
 from .tuning import MIN_IMAGES_PER_PRODUCT, MIN_PRODUCTS, SHRINKAGE, eligible, holdout_quality, holdout_split, lda
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .index import l2_normalize
+from .ranking import l2_normalize
 from .tuning import auroc, product_scores
 
 ENERGY_SCALE = 16.0  # inverse temperature of the energy score over product prototypes

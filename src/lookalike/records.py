@@ -468,7 +468,7 @@ def records_checksum(records: Mapping[str, ProductRecord]) -> str:
 
 def save_records(path: Path, records: Mapping[str, ProductRecord], *, source: str | None = None) -> str:
     """Write the record table atomically as JSON (never pickle); returns its checksum."""
-    from .store import atomic_write_json
+    from .files import atomic_write_json
 
     checksum = records_checksum(records)
     atomic_write_json(
