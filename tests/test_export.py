@@ -24,13 +24,13 @@ def test_round_trip_searches_the_same(engine, tmp_path, fmt):
     out = tmp_path / ("export.parquet" if fmt == "parquet" else "export-npy")
     export_index(engine, out, format=fmt)
     got = read_export(out)
-    snap = engine.snapshot
-    assert sorted(got.image_ids) == sorted(snap.image_ids)
-    assert got.vectors.dtype == np.float32 and got.vectors.shape == (len(snap.image_ids), engine.extractor.dim)
-    row = {i: r for r, i in enumerate(snap.image_ids)}
+    store = engine.store
+    stored = store.fetch(store.ids())
+    assert sorted(got.image_ids) == sorted(stored)
+    assert got.vectors.dtype == np.float32 and got.vectors.shape == (len(stored), engine.extractor.dim)
     for k, image_id in enumerate(got.image_ids):
-        assert got.product_ids[k] == snap.product_ids[row[image_id]]
-        assert got.paths[k] == snap.paths[row[image_id]]
+        assert got.product_ids[k] == stored[image_id]["product_id"]
+        assert got.paths[k] == stored[image_id]["path"]
     assert got.info["count"] == len(got.image_ids) and got.info["metric"] == "cosine"
     assert got.info["model"]["model_name"] == "test_tiny"
     # every exported vector as a query: numpy's exact inner-product ranking == the engine's image ranking

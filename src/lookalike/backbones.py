@@ -125,7 +125,7 @@ def weights_fingerprint(name: str, *, weights_path: Path | None = None, pretrain
     """The fingerprint :func:`build_backbone` would give, computed without torch when that is possible (a local
     checkpoint, the Lite packages, random init); None when only loading the weights can tell (torchvision's)."""
     spec = get_backbone(name)
-    if spec.load_state is None or (not pretrained and weights_path is None):
+    if weights_path is None and (spec.load_state is None or not pretrained):
         return "random-init-seed0"
     path = Path(weights_path).expanduser() if weights_path is not None else _packaged_weights_file(name)
     if path is None or not path.is_file():

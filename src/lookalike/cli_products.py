@@ -18,13 +18,19 @@ def add_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p = command("regions", "find every product in a photo of several")
     p.add_argument("image", help="photo file")
     p.add_argument("--top-k", type=int, default=3, help="hits per region")
-    p.add_argument("--max-regions", type=int, default=10)
+    p.add_argument("--max-regions", type=int, default=10, help="most regions reported (default: 10)")
     p.add_argument("--min-similarity", type=float, default=None, help="weakest region kept")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("export", "write image ids, product ids, paths, vectors and records")
     p.add_argument("out", help="a .parquet file, or a folder for --format npy")
-    p.add_argument("--format", dest="export_format", choices=("parquet", "npy"), default="parquet")
+    p.add_argument(
+        "--format",
+        dest="export_format",
+        choices=("parquet", "npy"),
+        default="parquet",
+        help="parquet (one file) or npy (vectors.npy + items.json)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
 
 

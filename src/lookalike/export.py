@@ -239,54 +239,13 @@ def read_export(path: str | Path) -> Exported:
 # --- engines ----------------------------------------------------------------------------------------------
 
 
-class SnapshotSource:
-    """The reading half of the store protocol over the engine's current snapshot (for engines without a
-    ``store``: today's FAISS engine). Vectors are the index's own (decoded) vectors."""
-
-    def __init__(self, engine: Any):
-        snap = engine.snapshot
-        self._snap = snap
-        self._rows = dict(snap.row_of_image)
-        self._vectors: np.ndarray | None = None
-
-    def ids(self) -> list[str]:
-        return list(self._snap.image_ids)
-
-    def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
-        if with_vectors and self._vectors is None:
-            self._vectors = self._snap.index.vectors()
-        out = {}
-        for image_id in ids:
-            row = self._rows.get(image_id)
-            if row is None:
-                continue
-            fields = {
-                "product_id": self._snap.product_ids[row],
-                "path": self._snap.paths[row],
-                "format": self._snap.formats[row],
-            }
-            if with_vectors:
-                fields["vector"] = self._vectors[row]  # type: ignore[index]
-            out[image_id] = fields
-        return out
-
-    def describe_dict(self) -> dict[str, Any]:
-        index = self._snap.index
-        return {"backend": "faiss", "metric": index.metric, "index_type": index.type_name}
-
-
 def export_index(engine: Any, out: str | Path, *, format: str = "parquet", overwrite: bool = False) -> Path:
-    """``lookalike export``: the engine's loaded index (its ``store`` when it has one, else its snapshot) and
-    its product records (``engine.records`` when it has them) to ``out``."""
-    store = getattr(engine, "store", None)
+    """``lookalike export``: the engine's loaded index (its store, FAISS or Milvus) and its product records
+    (``engine.records`` when it has them) to ``out``."""
+    store = engine.store
     info: dict[str, Any] = {}
-    if store is None:
-        source: Any = SnapshotSource(engine)
-        info.update(source.describe_dict())
-    else:
-        source = store
-    manifest = getattr(engine.snapshot, "manifest", None) if store is None else getattr(store, "manifest", None)
-    manifest = manifest() if callable(manifest) else manifest
+    source = store
+    manifest = store.manifest()
     if isinstance(manifest, Mapping):
         model = manifest.get("model", {})
         info["model"] = {k: model.get(k) for k in ("model_name", "weights") if k in model}
