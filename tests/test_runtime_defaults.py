@@ -163,5 +163,13 @@ def test_two_processes_exporting_at_once_both_succeed(tmp_path, photos):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     vectors = [json.loads(out.strip().splitlines()[-1])["vector"] for out, _ in outs]
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
-    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    files = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_file())
     assert len(files) == 1 and files[0].endswith("-fp32.onnx"), files  # one model, no temporary files left
+
+
+def test_openvino_keeps_its_compiled_model_for_the_next_process(tmp_path, photos):
+    first = make(tmp_path, runtime="openvino")
+    cached = list((tmp_path / "models" / rt.OPENVINO_CACHE).iterdir())
+    assert cached, "no compiled model cached"
+    again = make(tmp_path, runtime="openvino")  # imports the cached blob
+    np.testing.assert_allclose(again.extract(photos).vectors, first.extract(photos).vectors, rtol=1e-5, atol=1e-5)

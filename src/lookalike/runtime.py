@@ -33,6 +33,7 @@ GRAPH_VERSION = 1  # bump when the exported graph changes (names the files under
 ONNX_OPSET = 17
 CALIBRATION_VERSION = "skimage-v1"  # the INT8 calibration images and method; part of the vectors' identity
 _INPUT, _OUTPUT = "pixels", "features"
+OPENVINO_CACHE = "openvino-cache"  # compiled OpenVINO models, under <cache_dir>/models/
 
 
 def center_weights(height: int, width: int) -> np.ndarray:
@@ -201,8 +202,11 @@ class OpenVinoRunner:
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = ov.Core()
-        self._model = self._core.read_model(str(path))
-        self.compiled = self._core.compile_model(self._model, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
+        # Compiled models are cached beside the exported one: a later process imports the compiled blob instead of
+        # reading and compiling the graph again (measured 0.6 s of a cold one-photo search for Lite0).
+        self._core.set_property({"CACHE_DIR": str(Path(path).parent / OPENVINO_CACHE)})
+        self._path = str(path)
+        self.compiled = self._core.compile_model(self._path, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
         self._local = threading.local()
         self._streams = None  # (AsyncInferQueue, number of streams), compiled on the first large batch
         self._streams_lock = threading.Lock()
@@ -224,7 +228,7 @@ class OpenVinoRunner:
         with self._streams_lock:  # one large batch at a time; queries keep their own requests meanwhile
             if self._streams is None:
                 config = {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"}
-                compiled = self._core.compile_model(self._model, "CPU", config)
+                compiled = self._core.compile_model(self._path, "CPU", config)
                 n = max(1, int(compiled.get_property("NUM_STREAMS")))
                 self._streams = (ov.AsyncInferQueue(compiled, n), n)
             queue, n = self._streams
