@@ -203,8 +203,12 @@ class OpenVinoRunner:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = ov.Core()
         # Compiled models are cached beside the exported one: a later process imports the compiled blob instead of
-        # reading and compiling the graph again (measured 0.6 s of a cold one-photo search for Lite0).
-        self._core.set_property({"CACHE_DIR": str(Path(path).parent / OPENVINO_CACHE)})
+        # reading and compiling the graph again (measured 0.6 s of a cold one-photo search for Lite0). OpenVINO
+        # keys its cache by the model's path only, so the folder names the file's size and mtime: a file replaced
+        # (a damaged one exported again) never meets the blob of its predecessor.
+        st = Path(path).stat()
+        folder = Path(path).parent / OPENVINO_CACHE / f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}"
+        self._core.set_property({"CACHE_DIR": str(folder)})
         self._path = str(path)
         self.compiled = self._core.compile_model(self._path, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
         self._local = threading.local()
