@@ -173,3 +173,16 @@ def test_openvino_keeps_its_compiled_model_for_the_next_process(tmp_path, photos
     assert cached, "no compiled model cached"
     again = make(tmp_path, runtime="openvino")  # imports the cached blob
     np.testing.assert_allclose(again.extract(photos).vectors, first.extract(photos).vectors, rtol=1e-5, atol=1e-5)
+
+
+def test_the_server_gives_each_search_its_share_of_the_cores(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from lookalike.server import create_app
+
+    monkeypatch.setattr(rt, "default_threads", lambda: 4)
+    settings = Settings(config_file=None, environ={}, cache_dir=tmp_path, max_concurrent_searches=2)
+    engine = create_app(settings).state.lookalike.engine
+    assert engine.settings.threads == 2  # 2 searches x 2 threads <= 4 cores
+    assert engine.settings.max_concurrent_searches * engine.settings.threads <= 4
+    given = Settings(config_file=None, environ={}, cache_dir=tmp_path, threads=3)
+    assert create_app(given).state.lookalike.engine.settings.threads == 3  # an explicit value is kept
