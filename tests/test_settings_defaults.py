@@ -242,14 +242,17 @@ def _opened(settings: Settings) -> Settings:
     """What ImageSearchEngine.load_index / build_index are to do first: adopt the index's recorded settings."""
     from lookalike.store import read_index
 
-    return adopt_recorded(settings, read_index(settings).manifest["settings"])
+    manifest = read_index(settings).manifest
+    # The manifest's settings hold data_dir as it was given (maybe relative); its top-level data_dir is absolute.
+    return adopt_recorded(settings, {**manifest["settings"], "data_dir": manifest["data_dir"]})
 
 
 def test_an_index_opened_from_another_folder_with_only_its_cache_dir(tmp_path, monkeypatch, catalog):
     from conftest import product_image
     from lookalike import ImageSearchEngine
 
-    built = make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path / "cache", pooling="avg", tune=False)
+    monkeypatch.chdir(tmp_path)  # built with a relative data_dir, as `lookalike index --data-dir catalog` does
+    built = make(model_name="test_tiny", data_dir="catalog", cache_dir=tmp_path / "cache", pooling="avg", tune=False)
     ImageSearchEngine(built).build_index(progress=False)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
