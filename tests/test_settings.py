@@ -241,6 +241,11 @@ def test_to_dict_is_json_ready():
     assert "config_file" not in d
 
 
+def test_to_dict_records_an_absolute_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings(data_dir="catalog").to_dict()["data_dir"] == str(tmp_path.resolve() / "catalog")
+
+
 def test_equal_settings_compare_equal_whatever_their_source(write_yaml):
     path = write_yaml("batch_size: 8\n")
     assert Settings(config_file=path, environ={}) == settings(batch_size=8)

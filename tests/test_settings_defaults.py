@@ -242,9 +242,7 @@ def _opened(settings: Settings) -> Settings:
     """What ImageSearchEngine.load_index / build_index are to do first: adopt the index's recorded settings."""
     from lookalike.store import read_index
 
-    manifest = read_index(settings).manifest
-    # The manifest's settings hold data_dir as it was given (maybe relative); its top-level data_dir is absolute.
-    return adopt_recorded(settings, {**manifest["settings"], "data_dir": manifest["data_dir"]})
+    return adopt_recorded(settings, read_index(settings).manifest["settings"])
 
 
 def test_an_index_opened_from_another_folder_with_only_its_cache_dir(tmp_path, monkeypatch, catalog):
