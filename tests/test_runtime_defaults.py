@@ -89,6 +89,7 @@ def test_onnx_runtime_threads_do_not_spin(tmp_path):
 def test_openvino_threads_are_not_pinned(tmp_path):
     ex = make(tmp_path, runtime="openvino", threads=1)
     assert ex.runner.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert str(ex.runner.compiled.get_property("TBB_PARTITIONER")).endswith("AUTO")
     assert int(ex.runner.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
 
 

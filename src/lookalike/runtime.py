@@ -210,7 +210,13 @@ class OpenVinoRunner:
         folder = Path(path).parent / OPENVINO_CACHE / f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}"
         self._core.set_property({"CACHE_DIR": str(folder)})
         self._path = str(path)
-        self.compiled = self._core.compile_model(self._path, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
+        latency = {**self._config, "PERFORMANCE_HINT": "LATENCY"}
+        if "TBB_PARTITIONER" in self._core.get_property("CPU", "SUPPORTED_PROPERTIES"):
+            # A query's layers split over the threads dynamically, not in fixed shares: when another process holds
+            # one core, the other thread takes over its work instead of waiting (busy p50 8-15% lower beside two
+            # CPU burners on two cores, three rounds of docs/benchmarks.md's experiment).
+            latency["TBB_PARTITIONER"] = "AUTO"
+        self.compiled = self._core.compile_model(self._path, "CPU", latency)
         self._local = threading.local()
         self._streams = None  # (AsyncInferQueue, number of streams), compiled on the first large batch
         self._streams_lock = threading.Lock()
