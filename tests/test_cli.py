@@ -91,6 +91,14 @@ def test_index_builds_and_reuses_the_cache(catalog, flags, tmp_path, capsys):
     assert f"({N_IMAGES} extracted, 0 from cache)" in capsys.readouterr().out
 
 
+def test_index_says_what_it_did_about_tuning(catalog, flags, capsys):
+    assert main(["index", *flags]) == 0  # on by default; four products are too few, and it says so
+    out = capsys.readouterr().out
+    assert "tuning: declined (" in out and "products" in out
+    assert main(["index", *flags, "--tune", "false"]) == 0
+    assert "tuning: off (tune: false)" in capsys.readouterr().out
+
+
 def test_index_lists_skipped_files(catalog, flags, capsys):
     empty = catalog / "red-disc" / "empty.jpg"
     empty.write_bytes(b"")
@@ -395,3 +403,14 @@ def test_demo_finds_every_held_out_view(tmp_path):
     assert "efficientnet_lite0" in proc.stdout
     assert len(list((workdir / "catalog").glob("*/*.jpg"))) == 60
     assert len(list((workdir / "queries").glob("*/*.jpg"))) == 20
+
+
+def test_tuning_line_of_a_tuned_build():
+    from lookalike.cli import _tuning_line
+
+    tuned = {
+        "status": "tuned",
+        "validation": {"untuned": {"product_recall@1": 0.93}, "tuned": {"product_recall@1": 0.985}},
+    }
+    assert _tuning_line(tuned) == "tuning: tuned (held-out catalog recall@1 0.930 -> 0.985)"
+    assert _tuning_line({"status": "tuned"}) == "tuning: tuned"

@@ -89,6 +89,7 @@ def test_onnx_runtime_threads_do_not_spin(tmp_path):
 def test_openvino_threads_are_not_pinned(tmp_path):
     ex = make(tmp_path, runtime="openvino", threads=1)
     assert ex.runner.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert str(ex.runner.compiled.get_property("TBB_PARTITIONER")).endswith("AUTO")
     assert int(ex.runner.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
 
 
@@ -163,5 +164,26 @@ def test_two_processes_exporting_at_once_both_succeed(tmp_path, photos):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     vectors = [json.loads(out.strip().splitlines()[-1])["vector"] for out, _ in outs]
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
-    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    files = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_file())
     assert len(files) == 1 and files[0].endswith("-fp32.onnx"), files  # one model, no temporary files left
+
+
+def test_openvino_keeps_its_compiled_model_for_the_next_process(tmp_path, photos):
+    first = make(tmp_path, runtime="openvino")
+    cached = list((tmp_path / "models" / rt.OPENVINO_CACHE).rglob("*.blob"))
+    assert cached, "no compiled model cached"
+    again = make(tmp_path, runtime="openvino")  # imports the cached blob
+    np.testing.assert_allclose(again.extract(photos).vectors, first.extract(photos).vectors, rtol=1e-5, atol=1e-5)
+
+
+def test_the_server_gives_each_search_its_share_of_the_cores(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from lookalike.server import create_app
+
+    monkeypatch.setattr(rt, "default_threads", lambda: 4)
+    settings = Settings(config_file=None, environ={}, cache_dir=tmp_path, max_concurrent_searches=2)
+    engine = create_app(settings).state.lookalike.engine
+    assert engine.settings.threads == 2  # 2 searches x 2 threads <= 4 cores
+    assert engine.settings.max_concurrent_searches * engine.settings.threads <= 4
+    given = Settings(config_file=None, environ={}, cache_dir=tmp_path, threads=3)
+    assert create_app(given).state.lookalike.engine.settings.threads == 3  # an explicit value is kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from lookalike import Settings, SettingsError
 from lookalike.backbones import available_backbones
+from lookalike.settings import settings_fields
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,17 +152,18 @@ def test_empty_yaml_means_all_defaults(write_yaml):
     assert Settings(config_file=write_yaml(""), environ={}) == settings()
 
 
-def test_repository_config_loads_and_validates():
+def test_repository_config_sets_nothing_and_documents_every_setting():
+    """configs/configs.yaml is read by everything run from the repository (make demo/eval/load): it must not pin
+    values (they would count as set explicitly and override the defaults and the index's recorded settings)."""
     path = REPO / "configs" / "configs.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert yaml.safe_load(text) is None  # every line commented out
     s = Settings(config_file=path, environ={})
-    assert s.config_file == path
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert isinstance(raw, dict) and raw
-    for key, value in raw.items():
-        if value is None:
-            continue
-        got = getattr(s, key)
-        assert str(got) == str(value) or got == value, key
+    assert s.config_file == path and s.explicit == frozenset() and s == settings()
+    lines = [line.removeprefix("# ") for line in text.splitlines() if re.match(r"^# [a-z_]+: ", line)]
+    uncommented = yaml.safe_load("\n".join(lines))
+    for f in settings_fields():
+        assert f.name in uncommented, f"configs/configs.yaml does not mention {f.name}"
     assert s.model_name in available_backbones()
 
 
@@ -236,6 +239,11 @@ def test_to_dict_is_json_ready():
     assert d["batch_size"] == 32
     assert d["index_file"] is None
     assert "config_file" not in d
+
+
+def test_to_dict_records_an_absolute_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings(data_dir="catalog").to_dict()["data_dir"] == str(tmp_path.resolve() / "catalog")
 
 
 def test_equal_settings_compare_equal_whatever_their_source(write_yaml):

@@ -251,7 +251,8 @@ def test_an_index_opened_from_another_folder_with_only_its_cache_dir(tmp_path, m
     from conftest import product_image
     from lookalike import ImageSearchEngine
 
-    built = make(model_name="test_tiny", data_dir=catalog, cache_dir=tmp_path / "cache", pooling="avg", tune=False)
+    monkeypatch.chdir(tmp_path)  # built with a relative data_dir, as `lookalike index --data-dir catalog` does
+    built = make(model_name="test_tiny", data_dir="catalog", cache_dir=tmp_path / "cache", pooling="avg", tune=False)
     ImageSearchEngine(built).build_index(progress=False)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

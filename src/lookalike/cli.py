@@ -183,9 +183,25 @@ def cmd_index(args, settings: Settings) -> int:
         f"indexed {report.images} images of {report.products} products "
         f"({report.extracted} extracted, {report.reused} from cache) in {report.seconds:.1f}s"
     )
+    print(_tuning_line(report.tuning))
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0
+
+
+def _tuning_line(tuning: dict) -> str:
+    """What the build did about catalog tuning, in one line (it is on by default and may decline)."""
+    status = tuning.get("status", "off")
+    if status == "tuned":
+        val = tuning.get("validation", {})
+        try:
+            before, after = val["untuned"]["product_recall@1"], val["tuned"]["product_recall@1"]
+            return f"tuning: tuned (held-out catalog recall@1 {before:.3f} -> {after:.3f})"
+        except (KeyError, TypeError):
+            return "tuning: tuned"
+    if status == "declined":
+        return f"tuning: declined ({tuning.get('reason')})"
+    return "tuning: off (tune: false)"
 
 
 def cmd_search(args, settings: Settings) -> int:
@@ -326,7 +342,7 @@ def cmd_tune(args, settings: Settings) -> int:
         f"{val['untuned']['product_recall@1']:.3f} -> {val['tuned']['product_recall@1']:.3f}, MAP@R "
         f"{val['untuned']['map@r']:.3f} -> {val['tuned']['map@r']:.3f}. Index rebuilt with it: {report.images} images."
     )
-    print("Set tune: true (LOOKALIKE_TUNE=true) so that later builds refit it.")
+    print("Later builds refit it (tune is on by default; tune: false turns it off).")
     return 0
 
 

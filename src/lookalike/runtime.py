@@ -33,6 +33,7 @@ GRAPH_VERSION = 1  # bump when the exported graph changes (names the files under
 ONNX_OPSET = 17
 CALIBRATION_VERSION = "skimage-v1"  # the INT8 calibration images and method; part of the vectors' identity
 _INPUT, _OUTPUT = "pixels", "features"
+OPENVINO_CACHE = "openvino-cache"  # compiled OpenVINO models, under <cache_dir>/models/
 
 
 def center_weights(height: int, width: int) -> np.ndarray:
@@ -201,8 +202,21 @@ class OpenVinoRunner:
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = ov.Core()
-        self._model = self._core.read_model(str(path))
-        self.compiled = self._core.compile_model(self._model, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
+        # Compiled models are cached beside the exported one: a later process imports the compiled blob instead of
+        # reading and compiling the graph again (measured 0.6 s of a cold one-photo search for Lite0). OpenVINO
+        # keys its cache by the model's path only, so the folder names the file's size and mtime: a file replaced
+        # (a damaged one exported again) never meets the blob of its predecessor.
+        st = Path(path).stat()
+        folder = Path(path).parent / OPENVINO_CACHE / f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}"
+        self._core.set_property({"CACHE_DIR": str(folder)})
+        self._path = str(path)
+        latency = {**self._config, "PERFORMANCE_HINT": "LATENCY"}
+        if "TBB_PARTITIONER" in self._core.get_property("CPU", "SUPPORTED_PROPERTIES"):
+            # A query's layers split over the threads dynamically, not in fixed shares: when another process holds
+            # one core, the other thread takes over its work instead of waiting (busy p50 8-15% lower beside two
+            # CPU burners on two cores, three rounds of docs/benchmarks.md's experiment).
+            latency["TBB_PARTITIONER"] = "AUTO"
+        self.compiled = self._core.compile_model(self._path, "CPU", latency)
         self._local = threading.local()
         self._streams = None  # (AsyncInferQueue, number of streams), compiled on the first large batch
         self._streams_lock = threading.Lock()
@@ -224,7 +238,7 @@ class OpenVinoRunner:
         with self._streams_lock:  # one large batch at a time; queries keep their own requests meanwhile
             if self._streams is None:
                 config = {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"}
-                compiled = self._core.compile_model(self._model, "CPU", config)
+                compiled = self._core.compile_model(self._path, "CPU", config)
                 n = max(1, int(compiled.get_property("NUM_STREAMS")))
                 self._streams = (ov.AsyncInferQueue(compiled, n), n)
             queue, n = self._streams

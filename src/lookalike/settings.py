@@ -140,12 +140,17 @@ class Settings:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values, written next to what a build produced. Secrets (the admin token) are left out."""
+        """JSON-ready values, written next to what a build produced. Secrets (the admin token) are left out.
+
+        ``data_dir`` is written absolute: an index records where its catalog is, so that it opens from any folder
+        (:func:`adopt_recorded` does not adopt a relative one, whose meaning depended on the build's folder)."""
         out = {}
         for name in _field_names():
             if name in SECRET_SETTINGS:
                 continue
             value = getattr(self, name)
+            if name == "data_dir":
+                value = Path(value).expanduser().resolve()
             out[name] = str(value) if isinstance(value, Path) else value
         return out
 
