@@ -908,3 +908,23 @@ def test_image_file_resolves_ids_from_results_and_refuses_others(ro_engine, ro_q
     for bad in ["../../etc/passwd", "", "0" * 16, hit["image_path"]]:
         with pytest.raises(LookupError):
             ro_engine.image_file(bad)
+
+
+def test_byte_identical_photos_in_two_products_warn_and_show_in_stats(make_settings, catalog, caplog, capsys):
+    import shutil
+
+    from lookalike.cli import main
+
+    src = next((catalog / "red-disc").glob("*.jpg"))
+    shutil.copyfile(src, catalog / "green-bar" / "copied.jpg")
+    settings = make_settings(tune=False)
+    with caplog.at_level("WARNING"):
+        ImageSearchEngine(settings).build_index(progress=False)
+    assert "copied.jpg" in caplog.text
+    stats = ImageSearchEngine(settings)
+    stats.load_index()
+    facts = stats.get_statistics()
+    assert facts["duplicates"] == 1
+    assert sorted(facts["duplicate_files"][0]) == sorted([f"red-disc/{src.name}", "green-bar/copied.jpg"])
+    main(["stats", "--cache-dir", str(settings.cache_dir), "--data-dir", str(settings.data_dir)])
+    assert "same photo in several products" in capsys.readouterr().out

@@ -282,6 +282,9 @@ def cmd_stats(args, settings: Settings) -> int:
         if key == "skipped_files":
             for s in value:
                 print(f"  skipped {s['path']}: {s['reason']}")
+        elif key == "duplicate_files":
+            for group in value:
+                print(f"  same photo in several products: {', '.join(group)}")
         else:
             print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
     return 0

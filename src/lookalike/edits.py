@@ -55,7 +55,7 @@ def undo(step: Callable[[], Any]) -> None:
 def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | None):
     """Index every image of the catalog into ``store`` (the engine holds the writer lock); see build_index."""
     from .cache import embed_with_cache
-    from .catalog import scan_catalog
+    from .catalog import find_duplicates, scan_catalog
     from .engine import BuildReport
     from .manifest import build_manifest, save_projection
     from .tuning import adapt
@@ -68,6 +68,9 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
             tune = True
             logger.info("keeping catalog tuning: the previous index was tuned (build with tune=False to drop it)")
     images = scan_catalog(settings.data_dir)
+    duplicates = [  # byte-identical photos filed under two or more products (find_duplicates warns about each)
+        [im.path.relative_to(engine.data_root).as_posix() for im in group] for group in find_duplicates(images)
+    ]
     cache = engine._cache()
     emb = embed_with_cache(extractor, images, cache, force=force, progress=progress, save=False)
     good = emb.good
@@ -84,7 +87,9 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
     try:
         cache.save(emb.entries)
         projection = save_projection(settings.index_path, adaptation.projection)
-        store.set_manifest(build_manifest(settings, extractor, adaptation, skipped, projection))
+        store.set_manifest(
+            dict(build_manifest(settings, extractor, adaptation, skipped, projection), duplicates=duplicates)
+        )
         vectors = adaptation.transform(emb.vectors[good], extractor.dim)
         store.replace_all([image_id_for(r) for r in rel], vectors, fields)
     except BaseException as exc:

@@ -104,6 +104,8 @@ def index_statistics(store: Any, adaptation: Adaptation, counts: dict[str, int],
         "formats": dict(sorted(formats.items())),
         "skipped": len(skipped),
         "skipped_files": skipped,
+        "duplicates": len(manifest.get("duplicates") or []),  # groups of byte-identical photos in several products
+        "duplicate_files": manifest.get("duplicates") or [],
         "model": manifest["model"]["model_name"],
         "weights": manifest["model"]["weights"],
         "embedding_dim": info.dim,

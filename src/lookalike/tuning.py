@@ -283,7 +283,7 @@ def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool) -> Adapt
             projection = fit_projection(raw, labels, dim)
             tuning = {"status": "tuned", **projection.info}
         except TuningDeclined as exc:
-            logger.warning("catalog tuning declined: %s", exc)
+            logger.info("catalog tuning declined: %s", exc)
             tuning = {"status": "declined", "reason": str(exc)}
     calibration = calibrate_no_match(raw, labels, dim, tuned=projection is not None) if len(labels) else None
     return Adaptation(projection, tuning, calibration)
