@@ -318,8 +318,6 @@ def record_fields(records: Mapping[str, ProductRecord]) -> list[str]:
     return [*STANDARD_FIELDS, *extra]
 
 
-
-
 def catalog_products(root: Path) -> list[str]:
     """The product folders of a catalog (hidden folders such as ``.removed`` are not products)."""
     root = Path(root)
