@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import PRODUCTS, product_image
 from lookalike.cli import main
 from lookalike.export import read_export
-from lookalike.records import load_saved_records
+from lookalike.record_files import load_saved_records
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.records import (
-    ProductRecord,
-    RecordsError,
+from lookalike.record_files import (
     find_records_file,
     load_saved_records,
     read_records,
@@ -21,6 +19,7 @@ from lookalike.records import (
     save_records,
     with_records,
 )
+from lookalike.records import ProductRecord, RecordsError
 
 GOOD_CSV = """product_id,name,url,price,currency,category,brand,tags,stock,colour
 red-disc,Red Disc,https://shop.example/p/1,12.50,eur,dairy,Arla,organic|lactose-free,7,red

@@ -43,7 +43,7 @@ def _engine(settings: Settings):
 
 
 def cmd_records(args, settings: Settings) -> int:
-    from .records import update_records
+    from .record_files import update_records
 
     _, report = update_records(settings.data_dir, settings.metadata_path)
     d = report.to_dict()
