@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -148,8 +149,11 @@ def http_fuzz(root: Path, *, requests: int = 100_000, seed: int = 0, wd: Workdir
     statuses: dict[str, int] = {}
     crashes: list[str] = []
     five: list[str] = []
-    logging.getLogger("lookalike").setLevel(logging.CRITICAL)
-    with timer() as took, _client(app) as client:
+    quiet = logging.getLogger("lookalike")  # thousands of expected errors; the level is given back afterwards
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    with timer() as took, _client(app) as client, contextlib.ExitStack() as stack:
+        stack.callback(quiet.setLevel, level)
         for n in range(requests):
             data = mutate(rng.choice(corpus), rng)
             ctype = rng.choice(CTYPES)
