@@ -72,7 +72,7 @@ class DataManager:
 
     def load_metadata(self) -> tuple[list[str], list[str]] | None:
         """(image_paths, product_ids) of the built index, from the metadata file, or None if there is none."""
-        from .stores.faiss import read_manifest
+        from .stores.faiss_files import read_manifest
 
         try:
             manifest = read_manifest(self.settings.metadata_path)
