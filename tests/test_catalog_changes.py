@@ -285,3 +285,33 @@ def test_the_writer_lock_is_held_across_the_whole_change(built, tmp_path, monkey
     started = time.monotonic()
     engine.add_images("locked", [photo(tmp_path, 5)])
     assert seen == ["held"] and time.monotonic() >= started
+
+
+def test_searches_go_on_while_another_engine_commits(built, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(lookalike.engine, "REFRESH_SECONDS", 0.0)  # refresh on every search: the worst case
+    reader, writer = loaded(built), loaded(built)
+    query = photo(tmp_path, 5, "query.jpg")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searching() -> None:
+        while not stop.is_set():
+            try:
+                assert reader.search(query, top_k=3)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=searching)
+    thread.start()
+    try:
+        for i in range(3):
+            writer.add_images(f"x{i}", [photo(tmp_path, 6 + i, f"{i}.jpg")])
+        writer.remove_product("x0")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert reader.get_statistics()["images"] == writer.get_statistics()["images"] == N_IMAGES + 2

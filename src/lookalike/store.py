@@ -15,8 +15,10 @@ import numpy as np
 from .cache import CachedEmbeddings, EmbeddingCache
 from .catalog import CatalogError, scan_catalog
 from .files import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .files import folder_lock as write_lock  # noqa: F401 - the seed-era name
 from .settings import Settings
 from .stores.base import IndexFileError
+from .stores.faiss_files import INDEX_FORMAT, INDEX_FORMAT_VERSION, new_build_id, utc_now  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -142,6 +142,10 @@ class FaissStore:
 
     def _load(self) -> None:
         """Read the committed generation (verified against its checksums) and make it the live state."""
+        self._apply(*self._read())
+
+    def _read(self) -> tuple:
+        """(stamp, manifest, index, ids, fields) of the committed generation, read without holding any lock."""
         stamp = self._stat()
         manifest, data = read_generation(self.metadata_path, self.index_path)
         index = VectorIndex.from_bytes(
@@ -152,6 +156,9 @@ class FaissStore:
             raise IndexFileError(
                 f"index file holds {index.ntotal} vectors but {self.metadata_path} lists {len(ids)} images; rebuild"
             )
+        return stamp, manifest, index, ids, fields
+
+    def _apply(self, stamp, manifest, index, ids, fields) -> None:
         self._index, self._manifest, self._stamp = index, manifest, stamp
         self.metric, self.dim = manifest["metric"], index.dim
         self._set_rows(ids, fields)
@@ -380,17 +387,25 @@ class FaissStore:
     # --- life cycle -----------------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Load the generation another process committed since this store last looked (a ``stat`` when none)."""
+        """Load the generation another process committed since this store last looked (a ``stat`` when none).
+
+        The new generation is read while searches go on; it replaces the live one only if the manifest on disk
+        is still the one read (otherwise the next refresh picks up the newer one)."""
         if self.metadata_path is None:
             return False
         stamp = self._stat()
         if stamp is None or stamp == self._stamp:
             return False
+        try:
+            loaded = self._read()
+        except IndexFileError as exc:  # e.g. a generation file removed by a newer commit while it was read
+            logger.debug("refresh of %s postponed: %s", self.metadata_path, exc)
+            return False
         with self._lock.write():
-            if self._stat() == self._stamp:
+            if loaded[0] == self._stamp or self._stat() != loaded[0]:
                 return False
             before = (self._manifest or {}).get("build_id")
-            self._load()
+            self._apply(*loaded)
             return self._manifest.get("build_id") != before
 
     def close(self) -> None:
