@@ -75,10 +75,10 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
 
     start = time.perf_counter()
     settings, extractor = engine.settings, engine.extractor
-    if tune is None:
-        tune = settings.tune
-        if not tune and ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned":
-            tune = True
+    if tune is None:  # tuning is a property of the index: a rebuild keeps it unless told tune=False
+        previously = ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned"
+        tune = settings.tune or previously
+        if previously:
             logger.info("keeping catalog tuning: the previous index was tuned (build with tune=False to drop it)")
     images = scan_catalog(settings.data_dir)
     cache = engine._cache()
