@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from .. import files
-from ..ranking import similarity_from_distance
 from .base import REQUIRED_FIELDS, IndexFileError, StoreError, StoreHit, StoreInfo
 from .faiss_files import (
     INDEX_FORMAT,
@@ -327,23 +326,13 @@ class FaissStore:
 
     def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[StoreHit]:
         l2 = self.metric == METRIC_L2
-        out = []
-        for score, row in zip(scores, rows):
+        ids, fields, out = self._ids, self._fields, []
+        for score, row in zip(scores.tolist(), rows.tolist()):
             if row < 0:
                 break
-            f = self._fields[row]
-            extra = {k: v for k, v in f.items() if k not in ("product_id", "path")}
-            value = float(score)
-            out.append(
-                StoreHit(
-                    self._ids[row],
-                    f["product_id"],
-                    float(similarity_from_distance(value)) if l2 else value,
-                    f.get("path", ""),
-                    value if l2 else None,
-                    extra,
-                )
-            )
+            f = fields[row]  # shared read-only view of the row's fields: no copy per hit
+            similarity = 1.0 / (1.0 + score) if l2 else score  # ranking.similarity_from_distance
+            out.append(StoreHit(ids[row], f["product_id"], similarity, f["path"], score if l2 else None, f))
         return out
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
