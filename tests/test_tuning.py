@@ -255,3 +255,20 @@ def test_large_catalogs_are_checked_on_a_sample_of_products(monkeypatch):
     cal = calibrate_no_match(raw, labels, dim=24, tuned=True)
     # six products' two held-out photos each: hidden once (as a hidden product), visible in the other three folds
     assert (cal["hidden_product_queries"], cal["in_catalog_queries"]) == (6 * 2, 3 * 6 * 2)
+
+
+def test_a_rebuild_keeps_catalog_tuning_and_says_so(make_settings, six, caplog):
+    ImageSearchEngine(make_settings(tune=True)).build_index()
+    plain = ImageSearchEngine(make_settings())  # tune left at its default
+    with caplog.at_level("INFO", logger="lookalike"):
+        report = plain.build_index()
+    assert report.tuning["status"] == "tuned" and plain.get_statistics()["tuning"] == "tuned"
+    assert sum("keeping catalog tuning" in r.getMessage() for r in caplog.records) == 1
+    assert ImageSearchEngine(make_settings()).build_index(tune=False).tuning["status"] == "off"  # told otherwise
+
+
+def test_tune_false_set_explicitly_drops_the_tuning_of_the_previous_index(make_settings, six):
+    ImageSearchEngine(make_settings(tune=True)).build_index()
+    told = ImageSearchEngine(make_settings(tune=False))  # `lookalike index --tune false`, LOOKALIKE_TUNE=false, YAML
+    assert told.build_index().tuning["status"] == "off"
+    assert told.get_statistics()["tuning"] == "off"
