@@ -7,7 +7,9 @@ instead. Milvus 2.3 has no grouped search, so the server run also covers the cli
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,20 +164,30 @@ def server_uri(tmp_path_factory):
         pytest.skip(f"something already answers at {uri}: set LOOKALIKE_TEST_MILVUS_URI={uri} to test against it")
     data = tmp_path_factory.mktemp("milvus_server")
     log = (data / "server.log").open("w")
-    proc = subprocess.Popen([str(binary), "--data", str(data / "data")], stdout=log, stderr=subprocess.STDOUT)
+    # its own session: the wrapper starts the milvus binary as a child, and both must go at the end
+    proc = subprocess.Popen(
+        [str(binary), "--data", str(data / "data")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not _reachable(uri):
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            _stop(proc)
             pytest.skip(f"the Milvus server did not start (see {data / 'server.log'})")
         time.sleep(1)
     yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    _stop(proc)
     log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT lets the wrapper stop Milvus cleanly; whatever is left of its process group is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.mark.milvus_server
