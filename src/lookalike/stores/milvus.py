@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,14 +44,17 @@ from .milvus_support import (
     MAX_PATH,
     MAX_PRODUCT,
     MAX_TOPK,
+    check_options,
     in_list,
     index_params,
     is_lite,
     milvus_index,
     native_grouping,
+    order_groups,
     public_uri,
     quote,
     search_params,
+    to_hit,
 )
 
 log = logging.getLogger(__name__)
@@ -77,18 +79,7 @@ class MilvusStore:
         timeout: float = 30.0,
         consistency: str = "Strong",
     ):
-        if metric not in ("cosine", "l2"):
-            raise ValueError(f"metric={metric!r} is not allowed: expected cosine or l2")
-        if consistency not in ("Strong", "Session", "Bounded", "Eventually"):
-            raise ValueError(
-                f"consistency={consistency!r} is not allowed: expected Strong, Session, Bounded, Eventually"
-            )
-        if grouping not in ("auto", "native", "client"):
-            raise ValueError(f"grouping={grouping!r} is not allowed: expected auto, native or client")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", collection or ""):
-            raise ValueError(
-                f"collection={collection!r}: Milvus wants letters, digits and '_', not starting with a digit"
-            )
+        check_options(collection, metric=metric, consistency=consistency, grouping=grouping)
         self.uri, self.location, self.collection = str(uri), public_uri(str(uri)), collection
         self.manifest_collection = f"{collection}__manifest"
         self.metric, self.index_type, self.exact_below, self.timeout = metric, index_type, exact_below, timeout
@@ -336,13 +327,7 @@ class MilvusStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def _hit(self, raw: Mapping[str, Any]) -> StoreHit:
-        entity = raw.get("entity", {})
-        value = float(raw["distance"])
-        distance = float(np.sqrt(max(value, 0.0))) if self.metric == "l2" else None
-        score = 1.0 / (1.0 + distance) if distance is not None else value  # lookalike's l2 similarity
-        extra = dict(entity.get("extra") or {})
-        extra["format"] = entity.get("format", "")
-        return StoreHit(str(raw["id"]), entity.get("product_id", ""), score, entity.get("path", ""), distance, extra)
+        return to_hit(raw, self.metric)
 
     def _raw_search(self, vectors: np.ndarray, limit: int, where: str | None, **group: Any) -> list[list[dict]]:
         return self._client.search(
@@ -376,7 +361,7 @@ class MilvusStore:
             raws = self._raw_search(
                 queries, min(k, MAX_TOPK), where, group_by_field="product_id", group_size=group_size
             )
-            out = [self._order_groups([self._hit(r) for r in row], k, group_size) for row in raws]
+            out = [order_groups([self._hit(r) for r in row], k, group_size) for row in raws]
             # Milvus Lite groups a fixed over-fetch (k * group_size * 3 images): when a few products own all of
             # them it returns fewer than k products although more exist, so those queries take the widening path.
             short = [i for i, hits in enumerate(out) if len({h.product_id for h in hits}) < k]
@@ -386,23 +371,13 @@ class MilvusStore:
             return out
         return [self._grouped_fallback(q[None], k, group_size, where) for q in queries]
 
-    @staticmethod
-    def _order_groups(hits: list[StoreHit], k: int, group_size: int) -> list[StoreHit]:
-        """Best ``k`` products (by their best image), up to ``group_size`` images each, product by product."""
-        groups: dict[str, list[StoreHit]] = {}
-        for hit in sorted(hits, key=lambda h: -h.score):
-            members = groups.setdefault(hit.product_id, [])
-            if len(members) < group_size:
-                members.append(hit)
-        return [h for members in list(groups.values())[:k] for h in members]
-
     def _grouped_fallback(self, query: np.ndarray, k: int, group_size: int, where: str | None) -> list[StoreHit]:
         """Over-fetch images, group here, widen (x4) until ``k`` products are filled or nothing more exists."""
         total = self.count()
         limit = min(max(k * group_size * 4, 32), MAX_TOPK, max(total, 1))
         while True:
             hits = [self._hit(r) for r in self._raw_search(query, limit, where)[0]]
-            ordered = self._order_groups(hits, k, group_size)
+            ordered = order_groups(hits, k, group_size)
             products = len({h.product_id for h in ordered})
             if products >= k or len(hits) < limit or limit >= min(total, MAX_TOPK):
                 if products < k and limit >= MAX_TOPK:
