@@ -227,6 +227,9 @@ class MilvusStore:
             self._client.delete(self.manifest_collection, filter=in_list("key", old))
         self._bump()
 
+    def commit(self) -> None:
+        """Nothing to do: every write (manifest included) is saved when its call returns."""
+
     def _read_generation(self) -> str | None:
         return self._meta_rows('key == "generation"').get("generation")
 
