@@ -23,7 +23,7 @@ import re
 import numpy as np
 import pytest
 
-from lookalike.stores.base import StoreHit, StoreInfo, StoreMismatchError, VectorStore
+from lookalike.stores.base import StoreHit, StoreInfo, VectorStore
 
 DIM = 16
 ODD_PRODUCTS = ['a"b', "a\\b", 'a\\"b', "it's", "é-中-😀", "x' or 1==1 or '", "space inside", "end\\"]
@@ -270,8 +270,28 @@ class StoreContract:
             store.upsert(["x", "y"], vectors[:1], fields[:1])
         with pytest.raises(ValueError, match="format"):
             store.upsert(["x"], vectors[:1], [{"product_id": "p", "path": "x.jpg"}])
-        with pytest.raises(StoreMismatchError):
-            open_store(dim=DIM * 2)
-        with pytest.raises(StoreMismatchError):
-            open_store(metric="l2")
         assert store.count() == 240  # nothing half-written
+
+    def test_the_stored_metric_and_dimension_win_until_a_rebuild(self, filled, open_store):
+        """An existing store is the truth (the engine adopts what its manifest recorded); replace_all builds anew."""
+        store, ids, vectors, fields = filled
+        other = open_store(metric="l2", dim=None)
+        info = other.describe()
+        assert (info.metric, info.dim, info.count) == ("cosine", DIM, 240)
+        hit = other.search(vectors[:1], 1)[0][0]
+        assert hit.image_id == ids[0] and hit.score == pytest.approx(1.0, abs=1e-4) and hit.distance is None
+        wide = np.random.default_rng(14).normal(size=(4, DIM * 2)).astype(np.float32)
+        other.replace_all(["w0", "w1", "w2", "w3"], wide, fields[:4])
+        info = other.describe()
+        assert (info.metric, info.dim, info.count) == ("l2", DIM * 2, 4)
+        hit = other.search(wide[2:3] + 0.5, 1)[0][0]
+        assert hit.image_id == "w2" and hit.distance == pytest.approx(0.5 * np.sqrt(2 * DIM), rel=1e-3)
+
+    def test_a_new_store_takes_its_dimension_from_the_first_write(self, open_store):
+        store = open_store(dim=None)
+        assert store.count() == 0 and store.search(np.ones((1, 5), np.float32), 3) == [[]]
+        ids, vectors, fields = clustered(5, 1, seed=15, dim=5)
+        store.upsert(ids, vectors, fields)
+        assert store.describe().dim == 5 and store.search(vectors[:1], 1)[0][0].image_id == ids[0]
+        with pytest.raises(ValueError, match="dimension"):
+            store.upsert(["x"], np.ones((1, 6), np.float32), fields[:1])

@@ -23,7 +23,7 @@ from store_contract import DIM, StoreContract, clustered
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'lookalike[scale]')")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install 'lookalike[scale]')")
 
-from lookalike.stores.base import StoreError  # noqa: E402
+from lookalike.stores.base import StoreError, StoreMismatchError  # noqa: E402
 from lookalike.stores.milvus import MilvusStore  # noqa: E402
 from lookalike.stores.milvus_support import milvus_index, native_grouping, public_uri, quote  # noqa: E402
 
@@ -115,9 +115,11 @@ def test_client_side_grouping_widens_until_k_products(lite_uri):
     native.close()
 
 
-def test_missing_collection_without_dim_says_what_to_do(lite_uri):
-    with pytest.raises(StoreError, match="does not exist.*lookalike index"):
-        MilvusStore(lite_uri, "never_built")
+def test_an_explicit_other_dimension_is_refused(lite_uri):
+    with MilvusStore(lite_uri, "sized", dim=DIM):
+        pass
+    with pytest.raises(StoreMismatchError, match="another model"):
+        MilvusStore(lite_uri, "sized", dim=DIM + 1)
 
 
 def test_bad_names_are_refused(lite_uri):

@@ -83,6 +83,7 @@ class MilvusStore:
         self.uri, self.location, self.collection = str(uri), public_uri(str(uri)), collection
         self.manifest_collection = f"{collection}__manifest"
         self.metric, self.index_type, self.exact_below, self.timeout = metric, index_type, exact_below, timeout
+        self.build_metric = metric  # what replace_all builds; ``metric`` becomes an existing collection's own
         self.consistency = consistency  # of searches; every other read and the writes are Strong
         self._client = self._connect(token)
         try:
@@ -93,11 +94,8 @@ class MilvusStore:
         self._generation: str | None = None
         if self._client.has_collection(collection):
             self._open(dim)
-        elif dim is None:
-            raise StoreError(
-                f"Milvus collection {collection!r} does not exist at {self.location} and no dimension was given to "
-                "create it: build the index first (lookalike index) or check milvus_uri / collection"
-            )
+        elif dim is None:  # created by the first write, with that write's dimension
+            self.dim, self._exists, self._kind, self._index_params = None, False, "none", {}
         else:
             self.dim = int(dim)
             self._create(collection, milvus_index(index_type, 0, exact_below), 0)
@@ -149,7 +147,7 @@ class MilvusStore:
         params = self._client.prepare_index_params()
         params.add_index("vector", index_type=kind, metric_type=self._milvus_metric, params=index_params(kind, count))
         self._client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
-        self._kind, self._index_params = kind, index_params(kind, count)
+        self._kind, self._index_params, self._exists = kind, index_params(kind, count), True
         log.info(
             "created Milvus collection %r at %s (dim %d, %s, %s)", name, self.location, self.dim, kind, self.metric
         )
@@ -175,12 +173,15 @@ class MilvusStore:
                 "it was built with another model; rebuild it (lookalike index) or use another collection"
             )
         index = self._client.describe_index(self.collection, "vector")
-        have = {"IP": "cosine", "L2": "l2", "COSINE": "cosine"}.get(str(index.get("metric_type")), "?")
-        if have != self.metric:
+        have = {"IP": "cosine", "L2": "l2", "COSINE": "cosine"}.get(str(index.get("metric_type")))
+        if have is None:
             raise StoreMismatchError(
-                f"Milvus collection {self.collection!r} at {self.location} was built for metric {have!r}, not "
-                f"{self.metric!r}: rebuild it (lookalike index) or set similarity_metric: {have}"
+                f"Milvus collection {self.collection!r} at {self.location} uses the metric "
+                f"{index.get('metric_type')!r}, which lookalike does not build: rebuild it (lookalike index --force)"
             )
+        if have != self.metric:  # the collection is the truth (as the FAISS store); replace_all builds build_metric
+            log.info("%s was built for metric %s (asked: %s): searching with it", self.collection, have, self.metric)
+        self.metric, self._exists = have, True
         self._kind = str(index.get("index_type", "FLAT"))
         self._index_params = {k: index[k] for k in ("nlist", "M", "efConstruction") if k in index}
 
@@ -239,6 +240,8 @@ class MilvusStore:
         self._client.upsert(self.manifest_collection, [row])
 
     def refresh(self) -> bool:
+        if not self._exists and self._client.has_collection(self.collection):
+            self._open(None)  # another process made it
         current = self._read_generation()
         changed, self._generation = current != self._generation, current
         return changed
@@ -246,7 +249,7 @@ class MilvusStore:
     # --- writing --------------------------------------------------------------------------------------------
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+        if vectors.ndim != 2 or (self.dim is not None and vectors.shape[1] != self.dim):
             raise ValueError(f"vectors of shape {vectors.shape} do not fit the collection's dimension {self.dim}")
         if self.metric == "cosine":
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -274,6 +277,9 @@ class MilvusStore:
             ]  # fmt: skip
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
+        if not self._exists:
+            self.replace_all(ids, vectors, fields)  # the first write makes the collection
+            return
         for rows in self._batches(ids, vectors, fields):
             self._client.upsert(self.collection, rows)
         if len(ids):
@@ -281,6 +287,8 @@ class MilvusStore:
             self._bump()
 
     def delete(self, ids: Sequence[str] = (), *, product_id: str | None = None) -> int:
+        if not self._exists:
+            return 0
         targets = set(self._existing(ids))
         if product_id is not None:
             targets |= set(self.ids(product_id=product_id))
@@ -298,8 +306,15 @@ class MilvusStore:
     def replace_all(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
         """Build into ``<collection>__staging`` and rename it over the old one: searches see the old images until
         the new ones are complete (the swap itself is a drop + rename, a moment without the collection)."""
+        before = self.dim, self.metric
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        self.dim, self.metric = int(vectors.shape[1]), self.build_metric  # a rebuild may change model and metric
         batches = self._batches(ids, vectors, fields)
-        first = next(batches, [])  # checks the whole input before the staging collection is made
+        try:
+            first = next(batches, [])  # checks the whole input before the staging collection is made
+        except ValueError:
+            self.dim, self.metric = before
+            raise
         staging = f"{self.collection}__staging"
         if self._client.has_collection(staging):
             self._client.drop_collection(staging)
@@ -307,7 +322,8 @@ class MilvusStore:
         for rows in itertools.chain([first], batches):
             if rows:
                 self._client.insert(staging, rows)
-        self._client.drop_collection(self.collection)
+        if self._client.has_collection(self.collection):
+            self._client.drop_collection(self.collection)
         self._client.rename_collection(staging, self.collection)
         self._client.load_collection(self.collection)
         self._bump()
@@ -354,7 +370,7 @@ class MilvusStore:
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
         queries = self._prepare(np.atleast_2d(vectors))
-        if k <= 0 or len(queries) == 0:
+        if k <= 0 or len(queries) == 0 or not self._exists:
             return [[] for _ in queries]
         if not group_by_product:
             raws = self._raw_search(queries, min(k, MAX_TOPK), where)
@@ -393,7 +409,7 @@ class MilvusStore:
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        wanted = list(dict.fromkeys(str(i) for i in ids))
+        wanted = list(dict.fromkeys(str(i) for i in ids)) if self._exists else []
         fields = [*FIELDS, "vector"] if with_vectors else list(FIELDS)
         for start in range(0, len(wanted), BATCH):
             part = wanted[start : start + BATCH]
@@ -408,6 +424,8 @@ class MilvusStore:
     def _scan(self, filter_: str, fields: list[str]) -> list[dict]:
         """Every matching row: one query on Milvus Lite (it has no limit and no iterator timestamps), a query
         iterator on a server (whose queries stop at 16,384 rows)."""
+        if not self._exists:
+            return []
         if is_lite(self.uri):
             return list(self._client.query(self.collection, filter=filter_, output_fields=fields))
         iterator = self._client.query_iterator(self.collection, batch_size=4096, filter=filter_, output_fields=fields)
@@ -424,6 +442,8 @@ class MilvusStore:
         return [str(r["id"]) for r in self._scan(filter_, ["id"])]
 
     def count(self) -> int:
+        if not self._exists:
+            return 0
         rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -438,8 +458,8 @@ class MilvusStore:
         extra = {"collection": self.collection, "server_version": self.server_version,
                  "grouping": "native" if self.native_grouping else "client"}  # fmt: skip
         return StoreInfo(
-            "milvus", self.location, count, len(self.product_counts()), self.dim, self.metric, self._kind,
-            count * self.dim * 4, extra,
+            "milvus", self.location, count, len(self.product_counts()), self.dim or 0, self.metric, self._kind,
+            count * (self.dim or 0) * 4, extra,
         )  # fmt: skip
 
     def close(self) -> None:
