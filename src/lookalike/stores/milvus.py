@@ -60,6 +60,17 @@ from .milvus_support import (
 log = logging.getLogger(__name__)
 
 
+class _LiteNoise(logging.Filter):
+    """Milvus Lite's in-process gRPC server logs every call it does not implement (pymilvus asks for a timestamp
+    after each index creation, then carries on) as an ERROR with a traceback: drop those records only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+_LITE_NOISE = _LiteNoise()
+
+
 class MilvusStore:
     """A :class:`~lookalike.stores.base.VectorStore` over one Milvus collection (see the module docstring)."""
 
@@ -112,6 +123,7 @@ class MilvusStore:
                     f"milvus_uri={self.uri!r}: a Milvus Lite file must end in .db (or use http://host:port)"
                 )
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            logging.getLogger("grpc._server").addFilter(_LITE_NOISE)
         try:
             return MilvusClient(uri=self.uri, token=token or "", timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001
