@@ -117,7 +117,7 @@ def extract_with_ray(
 
         return Extraction(np.empty((0, FeatureExtractor(settings).raw_dim), np.float32))
     ray = ensure_ray(settings)
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
     gpus = 1.0 if str(settings.device).startswith("cuda") else 0.0
     actors = _actors(ray, settings, gpus)
@@ -130,7 +130,7 @@ def extract_with_ray(
         fn_constructor_kwargs={"settings": settings},
         batch_size=settings.batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=1,
         num_gpus=gpus,
     )

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,17 +44,31 @@ from .milvus_support import (
     MAX_PATH,
     MAX_PRODUCT,
     MAX_TOPK,
+    check_options,
     in_list,
     index_params,
     is_lite,
     milvus_index,
     native_grouping,
+    order_groups,
     public_uri,
     quote,
     search_params,
+    to_hit,
 )
 
 log = logging.getLogger(__name__)
+
+
+class _LiteNoise(logging.Filter):
+    """Milvus Lite's in-process gRPC server logs every call it does not implement (pymilvus asks for a timestamp
+    after each index creation, then carries on) as an ERROR with a traceback: drop those records only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+_LITE_NOISE = _LiteNoise()
 
 
 class MilvusStore:
@@ -77,21 +90,11 @@ class MilvusStore:
         timeout: float = 30.0,
         consistency: str = "Strong",
     ):
-        if metric not in ("cosine", "l2"):
-            raise ValueError(f"metric={metric!r} is not allowed: expected cosine or l2")
-        if consistency not in ("Strong", "Session", "Bounded", "Eventually"):
-            raise ValueError(
-                f"consistency={consistency!r} is not allowed: expected Strong, Session, Bounded, Eventually"
-            )
-        if grouping not in ("auto", "native", "client"):
-            raise ValueError(f"grouping={grouping!r} is not allowed: expected auto, native or client")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", collection or ""):
-            raise ValueError(
-                f"collection={collection!r}: Milvus wants letters, digits and '_', not starting with a digit"
-            )
+        check_options(collection, metric=metric, consistency=consistency, grouping=grouping)
         self.uri, self.location, self.collection = str(uri), public_uri(str(uri)), collection
         self.manifest_collection = f"{collection}__manifest"
         self.metric, self.index_type, self.exact_below, self.timeout = metric, index_type, exact_below, timeout
+        self.build_metric = metric  # what replace_all builds; ``metric`` becomes an existing collection's own
         self.consistency = consistency  # of searches; every other read and the writes are Strong
         self._client = self._connect(token)
         try:
@@ -100,11 +103,11 @@ class MilvusStore:
             raise self._unreachable(exc, token) from exc
         self.native_grouping = native_grouping(self.server_version) if grouping == "auto" else grouping == "native"
         self._generation: str | None = None
-        self._kind, self._index_params = "FLAT", {}
-        self.dim: int | None = None  # None until the collection exists (made by the first write)
         if self._client.has_collection(collection):
             self._open(dim)
-        elif dim is not None:
+        elif dim is None:  # created by the first write, with that write's dimension
+            self.dim, self._exists, self._kind, self._index_params = None, False, "none", {}
+        else:
             self.dim = int(dim)
             self._create(collection, milvus_index(index_type, 0, exact_below), 0)
         self._ensure_manifest_collection()
@@ -120,6 +123,7 @@ class MilvusStore:
                     f"milvus_uri={self.uri!r}: a Milvus Lite file must end in .db (or use http://host:port)"
                 )
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            logging.getLogger("grpc._server").addFilter(_LITE_NOISE)
         try:
             return MilvusClient(uri=self.uri, token=token or "", timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001
@@ -155,7 +159,7 @@ class MilvusStore:
         params = self._client.prepare_index_params()
         params.add_index("vector", index_type=kind, metric_type=self._milvus_metric, params=index_params(kind, count))
         self._client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
-        self._kind, self._index_params = kind, index_params(kind, count)
+        self._kind, self._index_params, self._exists = kind, index_params(kind, count), True
         log.info(
             "created Milvus collection %r at %s (dim %d, %s, %s)", name, self.location, self.dim, kind, self.metric
         )
@@ -181,11 +185,15 @@ class MilvusStore:
                 "it was built with another model; rebuild it (lookalike index) or use another collection"
             )
         index = self._client.describe_index(self.collection, "vector")
-        have = {"IP": "cosine", "L2": "l2", "COSINE": "cosine"}.get(str(index.get("metric_type")), "?")
-        if have != self.metric and have != "?":
-            # Like the FAISS store: the collection's metric wins; the engine refuses settings that contradict it.
-            log.debug("Milvus collection %r uses metric %s (asked: %s)", self.collection, have, self.metric)
-            self.metric = have
+        have = {"IP": "cosine", "L2": "l2", "COSINE": "cosine"}.get(str(index.get("metric_type")))
+        if have is None:
+            raise StoreMismatchError(
+                f"Milvus collection {self.collection!r} at {self.location} uses the metric "
+                f"{index.get('metric_type')!r}, which lookalike does not build: rebuild it (lookalike index --force)"
+            )
+        if have != self.metric:  # the collection is the truth (as the FAISS store); replace_all builds build_metric
+            log.info("%s was built for metric %s (asked: %s): searching with it", self.collection, have, self.metric)
+        self.metric, self._exists = have, True
         self._kind = str(index.get("index_type", "FLAT"))
         self._index_params = {k: index[k] for k in ("nlist", "M", "efConstruction") if k in index}
 
@@ -221,9 +229,6 @@ class MilvusStore:
         except ValueError as exc:
             raise StoreError(f"the manifest of {self.collection!r} at {self.location} is damaged: {exc}") from exc
 
-    def commit(self) -> None:
-        """Nothing is pending: :meth:`set_manifest` is durable when it returns."""
-
     def set_manifest(self, manifest: Mapping[str, Any]) -> None:
         text = json.dumps(dict(manifest), sort_keys=True, ensure_ascii=False)
         chunks = [text[i : i + CHUNK // 4] for i in range(0, len(text), CHUNK // 4)] or [""]  # 4 bytes/char at most
@@ -235,6 +240,9 @@ class MilvusStore:
             self._client.delete(self.manifest_collection, filter=in_list("key", old))
         self._bump()
 
+    def commit(self) -> None:
+        """Nothing to do: every write (manifest included) is saved when its call returns."""
+
     def _read_generation(self) -> str | None:
         return self._meta_rows('key == "generation"').get("generation")
 
@@ -244,22 +252,16 @@ class MilvusStore:
         self._client.upsert(self.manifest_collection, [row])
 
     def refresh(self) -> bool:
+        if not self._exists and self._client.has_collection(self.collection):
+            self._open(None)  # another process made it
         current = self._read_generation()
         changed, self._generation = current != self._generation, current
         return changed
 
     # --- writing --------------------------------------------------------------------------------------------
-    @property
-    def _missing(self) -> bool:
-        """No collection yet (opened without a dimension before any build): reads are empty, writes make it."""
-        return self.dim is None
-
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
-        if self._missing and vectors.ndim == 2:
-            self.dim = int(vectors.shape[1])
-            self._create(self.collection, milvus_index(self.index_type, 0, self.exact_below), 0)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+        if vectors.ndim != 2 or (self.dim is not None and vectors.shape[1] != self.dim):
             raise ValueError(f"vectors of shape {vectors.shape} do not fit the collection's dimension {self.dim}")
         if self.metric == "cosine":
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -287,6 +289,9 @@ class MilvusStore:
             ]  # fmt: skip
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
+        if not self._exists:
+            self.replace_all(ids, vectors, fields)  # the first write makes the collection
+            return
         for rows in self._batches(ids, vectors, fields):
             self._client.upsert(self.collection, rows)
         if len(ids):
@@ -294,7 +299,7 @@ class MilvusStore:
             self._bump()
 
     def delete(self, ids: Sequence[str] = (), *, product_id: str | None = None) -> int:
-        if self._missing:
+        if not self._exists:
             return 0
         targets = set(self._existing(ids))
         if product_id is not None:
@@ -313,8 +318,15 @@ class MilvusStore:
     def replace_all(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
         """Build into ``<collection>__staging`` and rename it over the old one: searches see the old images until
         the new ones are complete (the swap itself is a drop + rename, a moment without the collection)."""
+        before = self.dim, self.metric
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        self.dim, self.metric = int(vectors.shape[1]), self.build_metric  # a rebuild may change model and metric
         batches = self._batches(ids, vectors, fields)
-        first = next(batches, [])  # checks the whole input before the staging collection is made
+        try:
+            first = next(batches, [])  # checks the whole input before the staging collection is made
+        except ValueError:
+            self.dim, self.metric = before
+            raise
         staging = f"{self.collection}__staging"
         if self._client.has_collection(staging):
             self._client.drop_collection(staging)
@@ -322,7 +334,8 @@ class MilvusStore:
         for rows in itertools.chain([first], batches):
             if rows:
                 self._client.insert(staging, rows)
-        self._client.drop_collection(self.collection)
+        if self._client.has_collection(self.collection):
+            self._client.drop_collection(self.collection)
         self._client.rename_collection(staging, self.collection)
         self._client.load_collection(self.collection)
         self._bump()
@@ -345,13 +358,7 @@ class MilvusStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def _hit(self, raw: Mapping[str, Any]) -> StoreHit:
-        entity = raw.get("entity", {})
-        value = float(raw["distance"])
-        distance = float(np.sqrt(max(value, 0.0))) if self.metric == "l2" else None
-        score = 1.0 / (1.0 + distance) if distance is not None else value  # lookalike's l2 similarity
-        extra = dict(entity.get("extra") or {})
-        extra["format"] = entity.get("format", "")
-        return StoreHit(str(raw["id"]), entity.get("product_id", ""), score, entity.get("path", ""), distance, extra)
+        return to_hit(raw, self.metric)
 
     def _raw_search(self, vectors: np.ndarray, limit: int, where: str | None, **group: Any) -> list[list[dict]]:
         return self._client.search(
@@ -374,10 +381,8 @@ class MilvusStore:
         group_by_product: bool = False,
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
-        if self._missing:
-            return [[] for _ in np.atleast_2d(vectors)]
         queries = self._prepare(np.atleast_2d(vectors))
-        if k <= 0 or len(queries) == 0:
+        if k <= 0 or len(queries) == 0 or not self._exists:
             return [[] for _ in queries]
         if not group_by_product:
             raws = self._raw_search(queries, min(k, MAX_TOPK), where)
@@ -387,7 +392,7 @@ class MilvusStore:
             raws = self._raw_search(
                 queries, min(k, MAX_TOPK), where, group_by_field="product_id", group_size=group_size
             )
-            out = [self._order_groups([self._hit(r) for r in row], k, group_size) for row in raws]
+            out = [order_groups([self._hit(r) for r in row], k, group_size) for row in raws]
             # Milvus Lite groups a fixed over-fetch (k * group_size * 3 images): when a few products own all of
             # them it returns fewer than k products although more exist, so those queries take the widening path.
             short = [i for i, hits in enumerate(out) if len({h.product_id for h in hits}) < k]
@@ -397,23 +402,13 @@ class MilvusStore:
             return out
         return [self._grouped_fallback(q[None], k, group_size, where) for q in queries]
 
-    @staticmethod
-    def _order_groups(hits: list[StoreHit], k: int, group_size: int) -> list[StoreHit]:
-        """Best ``k`` products (by their best image), up to ``group_size`` images each, product by product."""
-        groups: dict[str, list[StoreHit]] = {}
-        for hit in sorted(hits, key=lambda h: -h.score):
-            members = groups.setdefault(hit.product_id, [])
-            if len(members) < group_size:
-                members.append(hit)
-        return [h for members in list(groups.values())[:k] for h in members]
-
     def _grouped_fallback(self, query: np.ndarray, k: int, group_size: int, where: str | None) -> list[StoreHit]:
         """Over-fetch images, group here, widen (x4) until ``k`` products are filled or nothing more exists."""
         total = self.count()
         limit = min(max(k * group_size * 4, 32), MAX_TOPK, max(total, 1))
         while True:
             hits = [self._hit(r) for r in self._raw_search(query, limit, where)[0]]
-            ordered = self._order_groups(hits, k, group_size)
+            ordered = order_groups(hits, k, group_size)
             products = len({h.product_id for h in ordered})
             if products >= k or len(hits) < limit or limit >= min(total, MAX_TOPK):
                 if products < k and limit >= MAX_TOPK:
@@ -426,9 +421,7 @@ class MilvusStore:
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        if self._missing:
-            return out
-        wanted = list(dict.fromkeys(str(i) for i in ids))
+        wanted = list(dict.fromkeys(str(i) for i in ids)) if self._exists else []
         fields = [*FIELDS, "vector"] if with_vectors else list(FIELDS)
         for start in range(0, len(wanted), BATCH):
             part = wanted[start : start + BATCH]
@@ -443,7 +436,7 @@ class MilvusStore:
     def _scan(self, filter_: str, fields: list[str]) -> list[dict]:
         """Every matching row: one query on Milvus Lite (it has no limit and no iterator timestamps), a query
         iterator on a server (whose queries stop at 16,384 rows)."""
-        if self._missing:
+        if not self._exists:
             return []
         if is_lite(self.uri):
             return list(self._client.query(self.collection, filter=filter_, output_fields=fields))
@@ -461,7 +454,7 @@ class MilvusStore:
         return [str(r["id"]) for r in self._scan(filter_, ["id"])]
 
     def count(self) -> int:
-        if self._missing:
+        if not self._exists:
             return 0
         rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
@@ -477,7 +470,7 @@ class MilvusStore:
         extra = {"collection": self.collection, "server_version": self.server_version,
                  "grouping": "native" if self.native_grouping else "client"}  # fmt: skip
         return StoreInfo(
-            "milvus", self.location, count, len(self.product_counts()), self.dim, self.metric, self._kind,
+            "milvus", self.location, count, len(self.product_counts()), self.dim or 0, self.metric, self._kind,
             count * (self.dim or 0) * 4, extra,
         )  # fmt: skip
 

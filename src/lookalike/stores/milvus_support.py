@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from .base import StoreHit
+
 MAX_ID = 512  # image ids are 16 hex characters; room for callers with their own ids
 MAX_PRODUCT = 1024  # bytes: lookalike.ids allows 180 bytes of UTF-8; other callers get more room
 MAX_PATH = 4096
@@ -95,3 +97,39 @@ def native_grouping(version: str) -> bool:
         return True
     found = re.search(r"(\d+)\.(\d+)", version)
     return bool(found) and (int(found.group(1)), int(found.group(2))) >= (2, 5)
+
+
+CONSISTENCY = ("Strong", "Session", "Bounded", "Eventually")
+
+
+def check_options(collection: str, *, metric: str, consistency: str, grouping: str) -> None:
+    """ValueError naming the option when one of MilvusStore's arguments cannot work."""
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric={metric!r} is not allowed: expected cosine or l2")
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency={consistency!r} is not allowed: expected one of {', '.join(CONSISTENCY)}")
+    if grouping not in ("auto", "native", "client"):
+        raise ValueError(f"grouping={grouping!r} is not allowed: expected auto, native or client")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", collection or ""):
+        raise ValueError(f"collection={collection!r}: Milvus wants letters, digits and '_', not starting with a digit")
+
+
+def to_hit(raw: Mapping[str, Any], metric: str) -> StoreHit:
+    """A Milvus search hit as a StoreHit: l2 distances come squared from Milvus; score is lookalike's similarity."""
+    entity = raw.get("entity", {})
+    value = float(raw["distance"])
+    distance = float(np.sqrt(max(value, 0.0))) if metric == "l2" else None
+    score = 1.0 / (1.0 + distance) if distance is not None else value
+    extra = dict(entity.get("extra") or {})
+    extra["format"] = entity.get("format", "")
+    return StoreHit(str(raw["id"]), entity.get("product_id", ""), score, entity.get("path", ""), distance, extra)
+
+
+def order_groups(hits: list[StoreHit], k: int, group_size: int) -> list[StoreHit]:
+    """Best ``k`` products (by their best image), up to ``group_size`` images each, product by product."""
+    groups: dict[str, list[StoreHit]] = {}
+    for hit in sorted(hits, key=lambda h: -h.score):
+        members = groups.setdefault(hit.product_id, [])
+        if len(members) < group_size:
+            members.append(hit)
+    return [h for members in list(groups.values())[:k] for h in members]
