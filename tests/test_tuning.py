@@ -255,3 +255,13 @@ def test_large_catalogs_are_checked_on_a_sample_of_products(monkeypatch):
     cal = calibrate_no_match(raw, labels, dim=24, tuned=True)
     # six products' two held-out photos each: hidden once (as a hidden product), visible in the other three folds
     assert (cal["hidden_product_queries"], cal["in_catalog_queries"]) == (6 * 2, 3 * 6 * 2)
+
+
+def test_a_rebuild_keeps_catalog_tuning_and_says_so(make_settings, six, caplog):
+    ImageSearchEngine(make_settings(tune=True)).build_index()
+    plain = ImageSearchEngine(make_settings())  # tune left at its default
+    with caplog.at_level("INFO", logger="lookalike"):
+        report = plain.build_index()
+    assert report.tuning["status"] == "tuned" and plain.get_statistics()["tuning"] == "tuned"
+    assert sum("keeping catalog tuning" in r.getMessage() for r in caplog.records) == 1
+    assert ImageSearchEngine(make_settings()).build_index(tune=False).tuning["status"] == "off"  # told otherwise

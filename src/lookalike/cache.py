@@ -3,7 +3,6 @@ and :func:`embed_with_cache`, the one extraction path of builds, evaluations and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -71,6 +70,15 @@ class EmbeddingCache:
             return CachedEmbeddings()
 
     def save(self, entries: CachedEmbeddings) -> None:
+        files.atomic_write_bytes(self.path, self.to_bytes(entries))
+
+    def prepare(self, entries: CachedEmbeddings) -> Path:
+        """The new cache written beside the current one (a catalog change renames it in place after its commit:
+        :func:`lookalike.files.commit_temp`)."""
+        return files.write_temp(self.path, self.to_bytes(entries))
+
+    @staticmethod
+    def to_bytes(entries: CachedEmbeddings) -> bytes:
         buf = io.BytesIO()
         dim = entries.vectors.shape[1] if entries.vectors is not None and entries.vectors.ndim == 2 else 0
         np.savez(
@@ -81,22 +89,7 @@ class EmbeddingCache:
             formats=np.array(entries.formats, dtype=str),
             vectors=entries.vectors if entries.vectors is not None else np.zeros((0, dim), np.float32),
         )
-        files.atomic_write_bytes(self.path, buf.getvalue())
-
-    def read_bytes(self) -> bytes | None:
-        """The cache file as it is now (None: there is none), for :meth:`restore` if a change fails later."""
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def restore(self, data: bytes | None) -> None:
-        """Put back what :meth:`read_bytes` returned (undo of a failed catalog change)."""
-        if data is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        else:
-            files.atomic_write_bytes(self.path, data)
+        return buf.getvalue()
 
     def merged(self, *, add: Sequence[CatalogImage] = (), vectors=None, formats=(), remove=frozenset()):
         """The cache with ``remove`` (absolute paths) dropped and ``add`` (with their raw vectors) appended."""

@@ -14,13 +14,16 @@ A full disk or a read-only folder surfaces as :class:`~lookalike.errors.CatalogW
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,17 @@ logger = logging.getLogger(__name__)
 REMOVED_FOLDER = ".removed"  # where remove_product moves a product's folder (hidden: scans skip it)
 STAGING_PREFIX = ".staging-"  # hidden folders inside data_dir where add_images stages copied photos
 MAX_NAME_BYTES = 200  # file names we derive stay under the usual 255-byte limit
+
+
+@dataclass
+class BuildReport:
+    images: int
+    products: int
+    extracted: int  # images whose features were computed in this build
+    reused: int  # images whose features came from the cache
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    seconds: float = 0.0
+    tuning: dict[str, Any] = field(default_factory=dict)  # status "off", "tuned" (with validation) or "declined"
 
 
 class UnknownProductError(LookupError):
@@ -56,16 +70,15 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
     """Index every image of the catalog into ``store`` (the engine holds the writer lock); see build_index."""
     from .cache import embed_with_cache
     from .catalog import scan_catalog
-    from .engine import BuildReport
     from .manifest import build_manifest, save_projection
     from .tuning import adapt
 
     start = time.perf_counter()
     settings, extractor = engine.settings, engine.extractor
-    if tune is None:
-        tune = settings.tune
-        if not tune and ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned":
-            tune = True
+    if tune is None:  # tuning is a property of the index: a rebuild keeps it unless told tune=False
+        previously = ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned"
+        tune = settings.tune or previously
+        if previously:
             logger.info("keeping catalog tuning: the previous index was tuned (build with tune=False to drop it)")
     images = scan_catalog(settings.data_dir)
     cache = engine._cache()
@@ -80,18 +93,12 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
     labels = [images[i].product_id for i in good]
     adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=tune)
     fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
-    before = cache.read_bytes()
-    try:
-        cache.save(emb.entries)
+    with Edit(engine, store) as edit:
+        edit.prepare_cache(cache, emb.entries)
         projection = save_projection(settings.index_path, adaptation.projection)
         store.set_manifest(build_manifest(settings, extractor, adaptation, skipped, projection))
         vectors = adaptation.transform(emb.vectors[good], extractor.dim)
-        store.replace_all([image_id_for(r) for r in rel], vectors, fields)
-    except BaseException as exc:
-        undo(lambda: cache.restore(before))
-        if isinstance(exc, OSError):
-            raise files.as_write_error(exc) from exc
-        raise
+        edit.commit(lambda: store.replace_all([image_id_for(r) for r in rel], vectors, fields))
     engine._install(store, adaptation)
     report = BuildReport(
         images=store.count(),
@@ -151,47 +158,20 @@ def add_images(engine, product_id: str, sources: list[Path]) -> dict[str, Any]:
     indexed = store.fetch(ids)
     keep = [i for i, image_id in enumerate(ids) if image_id not in indexed and ids.index(image_id) == i]
     cache = engine._cache()
-    before = cache.read_bytes()
-    staging = root / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
-    moved: list[Path] = []
-    made_folder = False
-    try:
+    with Edit(engine, store) as edit:
         copies = [i for i in keep if dests[i] != sources[i] and not dests[i].exists()]
-        if copies:
-            staging.mkdir(parents=True)
-            for i in copies:
-                shutil.copyfile(sources[i], staging / dests[i].name)
-            made_folder = not folder.exists()
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in copies:
-                os.replace(staging / dests[i].name, dests[i])
-                moved.append(dests[i])
-        added = [stat_image(product_id, dests[i]) for i in keep]
-        vectors = result.vectors[keep]
+        staged = {i: edit.stage(sources[i], dests[i].name) for i in copies}
         formats = [result.formats[i] for i in keep]
-        cache.save(cache.merged(add=added, vectors=vectors, formats=formats))
-        if keep:
-            fields = [{"product_id": product_id, "path": rel[i], "format": f} for i, f in zip(keep, formats)]
-            store.upsert([ids[i] for i in keep], engine._adaptation.transform(vectors, extractor.dim), fields)
-    except BaseException as exc:
-        for path in moved:
-            undo(path.unlink)
-        if made_folder:
-            undo(folder.rmdir)
-        undo(lambda: cache.restore(before))
-        if isinstance(exc, OSError):
-            raise files.as_write_error(exc) from exc
-        raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        # the cache keys photos by final path, size and mtime: a rename keeps the staged copy's size and mtime
+        added = [stat_image(product_id, dests[i]) if i not in staged else _as_placed(product_id, staged[i], dests[i])
+                 for i in keep]  # fmt: skip
+        edit.prepare_cache(cache, cache.merged(add=added, vectors=result.vectors[keep], formats=formats))
+        edit.begin([(staged[i], dests[i]) for i in copies], undo="unlink")
+        fields = [{"product_id": product_id, "path": rel[i], "format": f} for i, f in zip(keep, formats)]
+        vectors = engine._adaptation.transform(result.vectors[keep], extractor.dim)
+        edit.commit(lambda: store.upsert([ids[i] for i in keep], vectors, fields) if keep else None)
     engine._install(store, engine._adaptation)
-    return {
-        "product_id": product_id,
-        "added": len(keep),
-        "images": store.count(),
-        "image_ids": [ids[i] for i in keep],
-    }
+    return {"product_id": product_id, "added": len(keep), "images": store.count(), "image_ids": [ids[i] for i in keep]}
 
 
 def remove_product(engine, product_id: str) -> dict[str, Any]:
@@ -201,26 +181,20 @@ def remove_product(engine, product_id: str) -> dict[str, Any]:
         raise UnknownProductError(product_id)
     manifest = store.manifest() or {}
     cache = engine._cache()
-    before = cache.read_bytes()
     folder = root / product_id
     moved_to = None
-    try:
-        cache.save(cache.merged(remove={str(root / r["path"]) for r in rows.values()}))
+    with Edit(engine, store) as edit:
+        edit.prepare_cache(cache, cache.merged(remove={str(root / r["path"]) for r in rows.values()}))
         if folder.is_dir():
             trash = root / REMOVED_FOLDER
-            trash.mkdir(exist_ok=True)
+            if not trash.exists():
+                trash.mkdir()
+                edit.made.append(trash)
             moved_to = _unused(trash, f"{product_id}-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.rename(folder, moved_to)
+        edit.begin([(folder, moved_to)] if moved_to else [], undo="rename")
         skipped = [s for s in manifest.get("skipped", []) if Path(s["path"]).parent.name != product_id]
         store.set_manifest(dict(manifest, skipped=skipped))
-        removed = store.delete(product_id=product_id)
-    except BaseException as exc:
-        if moved_to is not None and moved_to.exists():
-            undo(lambda: os.rename(moved_to, folder))
-        undo(lambda: cache.restore(before))
-        if isinstance(exc, OSError):
-            raise files.as_write_error(exc) from exc
-        raise
+        removed = edit.commit(lambda: store.delete(product_id=product_id))
     engine._install(store, engine._adaptation)
     return {
         "product_id": product_id,
@@ -228,6 +202,136 @@ def remove_product(engine, product_id: str) -> dict[str, Any]:
         "images": store.count(),
         "moved_to": str(moved_to) if moved_to else None,
     }
+
+
+JOURNAL = "edit-journal.json"
+
+
+class Edit:
+    """One all-or-nothing catalog change. Writes that need disk space come first (staged photo copies, the new
+    cache beside the old one, the journal); then renames (photos into place, a folder to ``.removed``); then the
+    store commits; last the new cache is renamed in place. A failure before the commit undoes every step; the
+    journal (``<cache_dir>/edit-journal.json``) lets the next writer finish or undo a change a crash interrupted
+    (:func:`recover`), judged by whether the store's generation moved past the one the change started from."""
+
+    def __init__(self, engine, store):
+        self.store = store
+        self.journal = Path(engine.settings.cache_dir) / JOURNAL
+        self.staging = Path(engine.data_root) / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+        self.cache: tuple[Path, Path] | None = None  # (prepared temp, cache file)
+        self.moves: list[tuple[Path, Path]] = []
+        self.done: list[tuple[Path, Path]] = []
+        self.undo_kind = "unlink"
+        self.made: list[Path] = []  # folders this change made (removed again if it fails)
+        self.committed = False
+
+    def __enter__(self) -> Edit:
+        return self
+
+    def stage(self, src: Path, name: str) -> Path:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, self.staging / name)
+        return self.staging / name
+
+    def prepare_cache(self, cache, entries) -> None:
+        self.cache = (cache.prepare(entries), cache.path)
+
+    def begin(self, moves: list[tuple[Path, Path]], *, undo: str) -> None:
+        """Record the planned renames in the journal, then do them."""
+        self.moves, self.undo_kind = moves, undo
+        new_folders = list(dict.fromkeys(dst.parent for _, dst in moves if not dst.parent.exists()))
+        if moves:
+            files.atomic_write_json(self.journal, dict(self._record(), made=[str(f) for f in self.made + new_folders]))
+        for folder in new_folders:
+            folder.mkdir(parents=True)
+            self.made.append(folder)
+        for src, dst in moves:
+            os.rename(src, dst)
+            self.done.append((src, dst))
+
+    def commit(self, write: Callable[[], Any]) -> Any:
+        out = write()
+        self.committed = True
+        return out
+
+    def _record(self) -> dict[str, Any]:
+        base = (self.store.manifest() or {}).get("build_id")
+        cache = [str(p) for p in self.cache] if self.cache else None
+        moves = [[str(a), str(b)] for a, b in self.moves]
+        return {"base": base, "moves": moves, "undo": self.undo_kind, "cache": cache, "staging": str(self.staging)}
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self.committed:
+            self._finish()
+            return False
+        for src, dst in reversed(self.done):
+            undo((lambda d=dst: d.unlink()) if self.undo_kind == "unlink" else (lambda s=src, d=dst: os.rename(d, s)))
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if self.cache:
+            files.discard_temp(self.cache[0])
+        self._cleanup()
+        if isinstance(exc, OSError) and not isinstance(exc, files.CatalogWriteError):
+            raise files.as_write_error(exc) from exc
+        return False
+
+    def _finish(self) -> None:
+        """After the commit: the cache into place, the journal and staging away. Failures here lose nothing
+        acknowledged (the cache is only a cache), so they are logged, not raised."""
+        if self.cache:
+            try:
+                files.commit_temp(*self.cache)
+            except OSError as exc:
+                logger.warning("the index is saved but the embedding cache could not be updated (%s)", exc)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(OSError):
+            self.journal.unlink()
+        if self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def recover(cache_dir: Path, store) -> None:
+    """Finish or undo a change a crash interrupted (call under the writer lock, before any new change)."""
+    journal = Path(cache_dir) / JOURNAL
+    if not journal.is_file():
+        return
+    try:
+        record = json.loads(journal.read_text(encoding="utf-8"))
+        committed = (store.manifest() or {}).get("build_id") != record["base"]
+        moves = [(Path(a), Path(b)) for a, b in record["moves"]]
+        cache = record.get("cache")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring an unreadable edit journal %s (%s)", journal, exc)
+        moves, committed, cache, record = [], True, None, {}
+    for src, dst in moves if committed else reversed(moves):
+        if committed and src.exists() and not dst.exists():
+            undo(lambda s=src, d=dst: os.rename(s, d))
+        elif not committed and dst.exists():
+            kind = record.get("undo")
+            undo((lambda d=dst: d.unlink()) if kind == "unlink" else (lambda s=src, d=dst: os.rename(d, s)))
+    for folder in [] if committed else reversed(record.get("made") or []):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()
+    if cache:
+        tmp, path = Path(cache[0]), Path(cache[1])
+        if committed and tmp.exists():
+            undo(lambda: files.commit_temp(tmp, path))
+        files.discard_temp(tmp)
+    if record.get("staging"):
+        shutil.rmtree(record["staging"], ignore_errors=True)
+    logger.warning("%s an interrupted catalog change (journal %s)", "completed" if committed else "undid", journal)
+    with contextlib.suppress(OSError):
+        journal.unlink()
+
+
+def _as_placed(product_id: str, staged: Path, dest: Path):
+    from .catalog import CatalogImage
+
+    st = staged.stat()
+    return CatalogImage(product_id, dest, st.st_size, st.st_mtime_ns)
 
 
 def _unused(folder: Path, stem: str) -> Path:
@@ -267,4 +371,12 @@ def _short_name(stem: str, suffix: str) -> str:
     return f"{cut}-{digest}{suffix}"
 
 
-__all__ = ["REMOVED_FOLDER", "UnknownProductError", "add_images", "check_add", "normalize_product_id", "remove_product"]
+__all__ = [
+    "REMOVED_FOLDER",
+    "BuildReport",
+    "UnknownProductError",
+    "add_images",
+    "check_add",
+    "normalize_product_id",
+    "remove_product",
+]

@@ -13,9 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,47 +21,22 @@ import numpy as np
 from . import edits, files, ranking
 from .cache import EmbeddingCache, embed_with_cache
 from .imaging import ImageError, ImageSource, describe
-from .manifest import IndexMismatchError, check_model, index_statistics, load_adaptation
+from .manifest import EngineView, IndexMismatchError, check_model, index_statistics, load_adaptation
 from .settings import Settings
 from .store import DataManager
 from .stores import VectorStore, open_store, search_device
-from .stores.base import IndexFileError, StoreInfo
+from .stores.base import IndexFileError
 from .tuning import Adaptation
 
 logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 1.0  # a running engine looks for another process's commit at most this often
-UnknownProductError = edits.UnknownProductError
+BuildReport, UnknownProductError = edits.BuildReport, edits.UnknownProductError
 
 
 def _adopt_recorded_settings(settings: Settings, recorded: dict[str, Any]) -> Settings:
     """The settings to use with an index that recorded ``recorded`` (its ``manifest["settings"]``)."""
     return settings  # merge: replaced by settings.adopt_recorded
-
-
-@dataclass
-class BuildReport:
-    images: int
-    products: int
-    extracted: int  # images whose features were computed in this build
-    reused: int  # images whose features came from the cache
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
-    seconds: float = 0.0
-    tuning: dict[str, Any] = field(default_factory=dict)  # status "off", "tuned" (with validation) or "declined"
-
-
-@dataclass(frozen=True)
-class EngineView:
-    """What is loaded: the manifest, the adaptation and the store's description (read-only)."""
-
-    manifest: dict[str, Any]
-    adaptation: Adaptation
-    info: StoreInfo
-
-    @property
-    def index(self) -> SimpleNamespace:  # the seed-era ``snapshot.index.ntotal`` the server reads
-        info = self.info
-        return SimpleNamespace(ntotal=info.count, dim=info.dim, type_name=info.index_type, **dict(info.extra))
 
 
 class ImageSearchEngine:
@@ -160,6 +133,11 @@ class ImageSearchEngine:
         if store.refresh():
             manifest = store.manifest() or {}
             logger.info("serving generation %s committed by another process", manifest.get("build_id"))
+            if self._extractor is not None:
+                try:
+                    check_model(manifest, self._extractor.describe(), self.settings.similarity_metric, "the store")
+                except IndexMismatchError as exc:
+                    logger.error("another process rebuilt the index with another model; restart to follow: %s", exc)
             self._install(store)
 
     @contextlib.contextmanager
@@ -167,6 +145,7 @@ class ImageSearchEngine:
         """The catalog's writer lock, with this engine moved to the latest committed generation first."""
         with files.catalog_lock(self.settings.cache_dir):
             self._refresh(now=True)
+            edits.recover(self.settings.cache_dir, self.store)
             yield
 
     # --- building ---------------------------------------------------------------------------------------
@@ -182,6 +161,7 @@ class ImageSearchEngine:
         """
         with files.catalog_lock(self.settings.cache_dir):
             store = self._open(manifest_settings=True)
+            edits.recover(self.settings.cache_dir, store)
             return edits.rebuild(self, store, force=force_rebuild, tune=tune, progress=progress)
 
     def load_index(self) -> None:

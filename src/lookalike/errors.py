@@ -10,7 +10,8 @@ class LookalikeError(Exception):
 
 
 class CatalogWriteError(LookalikeError, OSError):
-    """A catalog change could not be written (disk full, read-only folder): nothing was changed.
+    """A write failed because the disk is full or a folder is read-only; a catalog change that raises it changed
+    nothing.
 
     An ``OSError`` with the original ``errno`` (ENOSPC, EROFS, EACCES, ...), the ``filename`` that failed and a
     message saying why; the server answers 507 for a full disk and 503 otherwise.
@@ -18,7 +19,7 @@ class CatalogWriteError(LookalikeError, OSError):
 
     def __init__(self, code: int, reason: str, path: str, detail: str = ""):
         more = f" ({detail})" if detail and detail.lower() != reason else ""
-        OSError.__init__(self, code, f"cannot write {path}: {reason}{more}; the catalog was left unchanged", path)
+        OSError.__init__(self, code, f"cannot write {path}: {reason}{more}", path)
         self.reason = reason
         self.path = path
 

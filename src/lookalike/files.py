@@ -31,6 +31,12 @@ WRITE_ERRNOS = {
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    commit_temp(write_temp(path, data), path)
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a fsynced temporary file beside ``path`` (the step that needs disk space); put it in place
+    with :func:`commit_temp` (a rename) or drop it with :func:`discard_temp`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,14 +50,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        discard_temp(Path(tmp))
         if isinstance(exc, OSError):
             raise as_write_error(exc, path) from exc
         raise
-    _fsync_dir(path.parent)
+    return Path(tmp)
+
+
+def commit_temp(tmp: Path, path: Path) -> None:
+    """Rename a file from :func:`write_temp` over ``path`` (atomic), then make the rename durable."""
+    try:
+        os.replace(tmp, path)
+    except BaseException as exc:
+        discard_temp(Path(tmp))
+        if isinstance(exc, OSError):
+            raise as_write_error(exc, path) from exc
+        raise
+    _fsync_dir(Path(path).parent)
+
+
+def discard_temp(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from . import files
-from .stores.base import IndexFileError, StoreMismatchError
+from .stores.base import IndexFileError, StoreInfo, StoreMismatchError
 from .tuning import Adaptation, Projection
 
 PROJECTION_SUFFIX = ".projection.npz"
@@ -87,6 +89,20 @@ def load_adaptation(manifest: dict[str, Any], index_path: Path, where: Path | st
     return Adaptation(projection, manifest.get("tuning") or {"status": "off"}, manifest.get("calibration"))
 
 
+@dataclass(frozen=True)
+class EngineView:
+    """What is loaded: the manifest, the adaptation and the store's description (read-only)."""
+
+    manifest: dict[str, Any]
+    adaptation: Adaptation
+    info: StoreInfo
+
+    @property
+    def index(self) -> SimpleNamespace:  # the seed-era ``snapshot.index.ntotal`` the server reads
+        info = self.info
+        return SimpleNamespace(ntotal=info.count, dim=info.dim, type_name=info.index_type, **dict(info.extra))
+
+
 def index_statistics(store: Any, adaptation: Adaptation, counts: dict[str, int], data_root: Path) -> dict[str, Any]:
     """``get_statistics()``: catalog and index facts from the store and its manifest."""
     manifest, info = store.manifest() or {}, store.describe()
@@ -120,6 +136,7 @@ def index_statistics(store: Any, adaptation: Adaptation, counts: dict[str, int],
 
 
 __all__ = [
+    "EngineView",
     "IndexMismatchError",
     "build_manifest",
     "check_model",

@@ -15,8 +15,10 @@ import numpy as np
 from .cache import CachedEmbeddings, EmbeddingCache
 from .catalog import CatalogError, scan_catalog
 from .files import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .files import folder_lock as write_lock  # noqa: F401 - the seed-era name
 from .settings import Settings
 from .stores.base import IndexFileError
+from .stores.faiss_files import INDEX_FORMAT, INDEX_FORMAT_VERSION, new_build_id, utc_now  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class DataManager:
 
     def load_metadata(self) -> tuple[list[str], list[str]] | None:
         """(image_paths, product_ids) of the built index, from the metadata file, or None if there is none."""
-        from .stores.faiss import read_manifest
+        from .stores.faiss_files import read_manifest
 
         try:
             manifest = read_manifest(self.settings.metadata_path)

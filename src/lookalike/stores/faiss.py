@@ -15,41 +15,34 @@ If a save fails, the store reloads the last committed generation, so memory and 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import files
-from ..ranking import similarity_from_distance
 from .base import REQUIRED_FIELDS, IndexFileError, StoreError, StoreHit, StoreInfo
+from .faiss_files import (
+    INDEX_FORMAT,
+    INDEX_FORMAT_VERSION,
+    columns,
+    generation_path,
+    index_info,
+    new_build_id,
+    read_generation,
+    read_manifest,
+    remove_old_generations,
+    rows_from_manifest,
+    utc_now,
+)
 from .faiss_index import DEFAULT_EXACT_BELOW, INDEX_AUTO, METRIC_L2, VectorIndex, choose_index
 
 logger = logging.getLogger(__name__)
-
-INDEX_FORMAT = "lookalike-index"
-INDEX_FORMAT_VERSION = 1
-
-
-def new_build_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def generation_path(index_path: Path, build_id: str, suffix: str | None = None) -> Path:
-    """``index-<build_id>.faiss`` (or another ``suffix``) beside ``index_path``."""
-    return index_path.with_name(f"{index_path.stem}-{build_id}{suffix or index_path.suffix}")
 
 
 class _RWLock:
@@ -148,16 +141,23 @@ class FaissStore:
 
     def _load(self) -> None:
         """Read the committed generation (verified against its checksums) and make it the live state."""
+        self._apply(*self._read())
+
+    def _read(self) -> tuple:
+        """(stamp, manifest, index, ids, fields) of the committed generation, read without holding any lock."""
         stamp = self._stat()
         manifest, data = read_generation(self.metadata_path, self.index_path)
         index = VectorIndex.from_bytes(
             data, manifest["metric"], factory=manifest["index"].get("factory"), device=self.device
         )
-        ids, fields = _rows_from_manifest(manifest)
+        ids, fields = rows_from_manifest(manifest)
         if index.ntotal != len(ids):
             raise IndexFileError(
                 f"index file holds {index.ntotal} vectors but {self.metadata_path} lists {len(ids)} images; rebuild"
             )
+        return stamp, manifest, index, ids, fields
+
+    def _apply(self, stamp, manifest, index, ids, fields) -> None:
         self._index, self._manifest, self._stamp = index, manifest, stamp
         self.metric, self.dim = manifest["metric"], index.dim
         self._set_rows(ids, fields)
@@ -266,23 +266,23 @@ class FaissStore:
             metric=self.metric,
             normalized=index.normalized if index is not None else self.metric != METRIC_L2,
         )
-        manifest["images"] = _columns(self._ids, self._fields)
+        manifest["images"] = columns(self._ids, self._fields)
         manifest["counts"] = dict(manifest.get("counts") or {}, images=len(self._ids), products=len(self._counts))
         if self.index_path is None or index is None:
-            manifest["index"] = _index_info(index, manifest.get("index"))
+            manifest["index"] = index_info(index, manifest.get("index"))
             self._manifest, self._pending = manifest, None
             return
         data = index.to_bytes()
         path = generation_path(self.index_path, manifest["build_id"])
         entry = {"file": path.name, "sha256": files.sha256_bytes(data), "bytes": len(data)}
-        manifest["index"] = dict(_index_info(index, None), **entry)
+        manifest["index"] = dict(index_info(index, None), **entry)
         manifest["files"] = dict(manifest.get("files") or {}, index=entry)
         manifest["images_sha256"] = files.sha256_bytes(files.canonical_json(manifest["images"]))
         with files.folder_lock(self.metadata_path.parent):
             files.atomic_write_bytes(path, data)
             files.atomic_write_json(self.metadata_path, manifest)
             keep = {self.index_path.with_name(e["file"]) for e in manifest["files"].values()}
-            _remove_old_generations(self.index_path, keep)
+            remove_old_generations(self.index_path, keep)
         self._manifest, self._pending, self._stamp = manifest, None, self._stat()
 
     # --- reading --------------------------------------------------------------------------------------------
@@ -326,23 +326,13 @@ class FaissStore:
 
     def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[StoreHit]:
         l2 = self.metric == METRIC_L2
-        out = []
-        for score, row in zip(scores, rows):
+        ids, fields, out = self._ids, self._fields, []
+        for score, row in zip(scores.tolist(), rows.tolist()):
             if row < 0:
                 break
-            f = self._fields[row]
-            extra = {k: v for k, v in f.items() if k not in ("product_id", "path")}
-            value = float(score)
-            out.append(
-                StoreHit(
-                    self._ids[row],
-                    f["product_id"],
-                    float(similarity_from_distance(value)) if l2 else value,
-                    f.get("path", ""),
-                    value if l2 else None,
-                    extra,
-                )
-            )
+            f = fields[row]  # shared read-only view of the row's fields: no copy per hit
+            similarity = 1.0 / (1.0 + score) if l2 else score  # ranking.similarity_from_distance
+            out.append(StoreHit(ids[row], f["product_id"], similarity, f["path"], score if l2 else None, f))
         return out
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:
@@ -386,102 +376,29 @@ class FaissStore:
     # --- life cycle -----------------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Load the generation another process committed since this store last looked (a ``stat`` when none)."""
+        """Load the generation another process committed since this store last looked (a ``stat`` when none).
+
+        The new generation is read while searches go on; it replaces the live one only if the manifest on disk
+        is still the one read (otherwise the next refresh picks up the newer one)."""
         if self.metadata_path is None:
             return False
         stamp = self._stat()
         if stamp is None or stamp == self._stamp:
             return False
+        try:
+            loaded = self._read()
+        except IndexFileError as exc:  # e.g. a generation file removed by a newer commit while it was read
+            logger.debug("refresh of %s postponed: %s", self.metadata_path, exc)
+            return False
         with self._lock.write():
-            if self._stat() == self._stamp:
+            if loaded[0] == self._stamp or self._stat() != loaded[0]:
                 return False
             before = (self._manifest or {}).get("build_id")
-            self._load()
+            self._apply(*loaded)
             return self._manifest.get("build_id") != before
 
     def close(self) -> None:
         self._set_empty()
-
-
-def read_generation(metadata_path: Path, index_path: Path) -> tuple[dict[str, Any], bytes]:
-    """The committed manifest and index file bytes, verified against their checksums."""
-    manifest = read_manifest(metadata_path)
-    try:
-        if files.sha256_bytes(files.canonical_json(manifest["images"])) != manifest["images_sha256"]:
-            raise IndexFileError(f"index metadata {metadata_path} does not match its checksum; rebuild the index")
-        info = (manifest.get("files") or {}).get("index") or manifest["index"]
-        path = index_path.with_name(info["file"])
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise IndexFileError(
-                f"index file {path} named by {metadata_path} cannot be read ({exc.strerror or exc})"
-            ) from None
-        if files.sha256_bytes(data) != info.get("sha256"):
-            raise IndexFileError(
-                f"index file {path} does not match the checksum in {metadata_path}; it is damaged, rebuild"
-            )
-    except (KeyError, TypeError) as exc:
-        raise IndexFileError(f"index metadata {metadata_path} lacks {exc}; rebuild the index") from None
-    return manifest, data
-
-
-def read_manifest(metadata_path: Path) -> dict[str, Any]:
-    """The manifest in ``metadata.json``, or :class:`IndexFileError` saying what is wrong with it."""
-    if not metadata_path.is_file():
-        raise IndexFileError(
-            f"no index metadata at {metadata_path}: build the index first (`lookalike index` or build_index())"
-        )
-    try:
-        manifest = json.loads(metadata_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise IndexFileError(
-            f"index metadata {metadata_path} is unreadable or damaged ({exc}); rebuild the index"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise IndexFileError(f"{metadata_path} is not a lookalike index metadata file")
-    if manifest.get("version") != INDEX_FORMAT_VERSION:
-        raise IndexFileError(
-            f"{metadata_path} has index format version {manifest.get('version')}, this lookalike reads "
-            f"version {INDEX_FORMAT_VERSION}; rebuild the index"
-        )
-    return manifest
-
-
-def _rows_from_manifest(manifest: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    from ..ids import image_id_for
-
-    try:
-        columns = dict(manifest["images"])
-        paths = list(columns.pop("path"))
-        ids = list(columns.pop("image_id", None) or [image_id_for(p) for p in paths])
-        fields = [{"path": p} for p in paths]
-        for name, values in columns.items():
-            if len(values) != len(paths):
-                raise IndexFileError(f"index metadata column {name!r} has {len(values)} rows for {len(paths)} images")
-            for f, v in zip(fields, values):
-                f[name] = v
-        if fields and any(name not in fields[0] for name in REQUIRED_FIELDS):
-            raise KeyError(REQUIRED_FIELDS)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise IndexFileError(f"index metadata lacks the image list ({exc}); rebuild the index") from None
-    return ids, fields
-
-
-def _columns(ids: list[str], fields: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    names = list(REQUIRED_FIELDS) + sorted({k for f in fields for k in f} - set(REQUIRED_FIELDS))
-    out: dict[str, list[Any]] = {"path": [f.get("path", "") for f in fields]}
-    for name in names:
-        if name != "path":
-            out[name] = [f.get(name) for f in fields]
-    out["image_id"] = list(ids)
-    return out
-
-
-def _index_info(index: VectorIndex | None, previous: dict[str, Any] | None) -> dict[str, Any]:
-    if index is None:
-        return dict(previous or {})
-    return {"type": index.type_name, "factory": index.factory, "ntotal": index.ntotal, "dim": index.dim}
 
 
 def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:
@@ -491,13 +408,6 @@ def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]
         missing = [k for k in REQUIRED_FIELDS if k not in f]
         if missing:
             raise StoreError(f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})")
-
-
-def _remove_old_generations(index_path: Path, keep: set[Path]) -> None:
-    for old in index_path.parent.glob(f"{index_path.stem}-*"):
-        if old not in keep and old.is_file() and not old.name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                old.unlink()
 
 
 __all__ = ["FaissStore", "choose_index", "read_generation", "read_manifest"]
