@@ -399,3 +399,20 @@ def test_a_hang_up_over_a_real_socket_is_one_info_line_too(engine, caplog):
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert len(gone) == 2 and all(r.levelno == logging.INFO for r in gone), [r.getMessage() for r in caplog.records]
     assert noisy == [], [r.getMessage() for r in noisy]
+
+
+def test_a_running_server_serves_another_processs_commit(client, engine, make_settings):
+    import time
+
+    other = ImageSearchEngine(make_settings(admin_token=TOKEN))  # another process's engine over the same folders
+    other.load_index()
+    photo_path = engine.settings.cache_dir / "teal.jpg"
+    photo_path.write_bytes(photo(4, 9))
+    other.add_images("teal-bar", [photo_path])
+    deadline = time.monotonic() + 10  # the engine looks for a newer commit about once a second (docs)
+    status = 404
+    while status != 200 and time.monotonic() < deadline:
+        status = client.get("/products/teal-bar/similar").status_code
+        time.sleep(0.1)
+    assert status == 200
+    assert client.get("/stats").json()["images"] == N_IMAGES + 1

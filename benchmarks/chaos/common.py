@@ -213,10 +213,16 @@ class Judge:
     def view(self) -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[str]], str]:
         """(index, catalog, cache): file names per product; and the build id. Raises if the index does not load."""
         from lookalike import ImageSearchEngine
-        from lookalike.catalog import scan_catalog
 
         engine = ImageSearchEngine(self.settings, extractor=self.extractor)
         engine.load_index()
+        changing = getattr(engine, "_changing", None)  # as the next writer: the catalog lock, a crashed edit's
+        with changing() if changing else contextlib.nullcontext():  # journal replayed, and a quiescent view
+            return self._view(engine)
+
+    def _view(self, engine):
+        from lookalike.catalog import scan_catalog
+
         index: dict[str, set[str]] = {}
         for path, pid in _rows(engine):
             index.setdefault(pid, set()).add(Path(path).name)

@@ -159,6 +159,9 @@ class WorkerLane(Lane):
     def round(self) -> None:
         proc = self.spawn()
         kill = self.opts.get("kill", True)
+        # one search first: the model's first-use costs are paid before the kill clock starts, so kills land in
+        # edits (the CLI's own code: an engine opened per command, as `lookalike add` does)
+        self.command(proc, ["search", str(self.wd.pool_photos(self.opts.get("pool", 16))[0])])
         timer = self.kill_after(proc, self.rng.uniform(0, self.opts.get("max_delay", 4.0))) if kill else None
         edits = self.opts.get("edits_per_round", 10**9)
         for _ in range(edits):
