@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,3 +106,65 @@ def grocery() -> Path:
     if not (GROCERY / "catalog").is_dir():
         pytest.skip(f"real product photos not found at {GROCERY} (see ../shared/data/README.md)")
     return GROCERY
+
+
+# --- a real Milvus server (tests marked milvus_server) ---------------------------------------------------------
+
+MILVUS_SERVER_VENV = Path(
+    os.environ.get("LOOKALIKE_MILVUS_SERVER_VENV", Path(__file__).resolve().parents[1] / ".venv-milvus")
+)
+
+
+def _reachable(uri: str) -> bool:
+    from pymilvus import MilvusClient
+
+    try:
+        MilvusClient(uri=uri, timeout=3).get_server_version()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_uri(tmp_path_factory):
+    """A running Milvus server: LOOKALIKE_TEST_MILVUS_URI, or the 2.3.5 standalone from .venv-milvus."""
+    given = os.environ.get("LOOKALIKE_TEST_MILVUS_URI")
+    if given:
+        if not _reachable(given):
+            pytest.skip(f"LOOKALIKE_TEST_MILVUS_URI={given} does not answer")
+        yield given
+        return
+    binary = MILVUS_SERVER_VENV / "bin" / "milvus-server"
+    if not binary.exists():
+        pytest.skip(
+            f"no Milvus server: {binary} is missing (make milvus-server-venv) and LOOKALIKE_TEST_MILVUS_URI is unset"
+        )
+    uri = "http://127.0.0.1:19530"
+    if _reachable(uri):
+        pytest.skip(f"something already answers at {uri}: set LOOKALIKE_TEST_MILVUS_URI={uri} to test against it")
+    data = tmp_path_factory.mktemp("milvus_server")
+    log = (data / "server.log").open("w")
+    # its own session: the wrapper starts the milvus binary as a child, and both must go at the end
+    proc = subprocess.Popen(
+        [str(binary), "--data", str(data / "data")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not _reachable(uri):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            pytest.skip(f"the Milvus server did not start (see {data / 'server.log'})")
+        time.sleep(1)
+    yield uri
+    _stop(proc)
+    log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT lets the wrapper stop Milvus cleanly; whatever is left of its process group is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

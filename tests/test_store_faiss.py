@@ -193,3 +193,13 @@ class TestFaissStoreContract(StoreContract):
             return FaissStore(folder / "index.faiss", folder / "metadata.json", metric=metric, dim=dim)
 
         return make
+
+
+def test_a_reader_of_the_previous_metadata_still_finds_its_generation(tmp_path):
+    """Another process may read metadata.json just before a commit: the generation it names survives one commit."""
+    store, ids, vectors, fields = filled(tmp_path)
+    before = json.loads((tmp_path / "metadata.json").read_text())["files"]["index"]["file"]
+    store.delete(ids[:1])
+    assert (tmp_path / before).is_file()
+    store.delete(ids[1:2])
+    assert not (tmp_path / before).is_file()  # two commits later it is gone

@@ -159,7 +159,13 @@ class FaissStore:
     def _read(self) -> tuple:
         """(stamp, manifest, index, ids, fields) of the committed generation, read without holding any lock."""
         stamp = self._stat()
-        manifest, data = read_generation(self.metadata_path, self.index_path)
+        try:
+            manifest, data = read_generation(self.metadata_path, self.index_path)
+        except IndexFileError:
+            if self._stat() == stamp:  # damaged, not replaced underneath: say so
+                raise
+            stamp = self._stat()  # another process committed while we read: read its generation
+            manifest, data = read_generation(self.metadata_path, self.index_path)
         index = VectorIndex.from_bytes(
             data, manifest["metric"], factory=manifest["index"].get("factory"), device=self.device
         )
@@ -301,7 +307,10 @@ class FaissStore:
         with files.folder_lock(self.metadata_path.parent):
             files.atomic_write_bytes(path, data)
             files.atomic_write_json(self.metadata_path, manifest)
-            keep = {self.index_path.with_name(e["file"]) for e in manifest["files"].values()}
+            # The previous generation stays one more commit: a reader that read the old metadata a moment ago
+            # (another process opening the index) still finds the file it names.
+            kept = [manifest, self._manifest or {}]
+            keep = {self.index_path.with_name(e["file"]) for m in kept for e in (m.get("files") or {}).values()}
             remove_old_generations(self.index_path, keep)
         self._manifest, self._pending, self._stamp = manifest, None, self._stat()
 
