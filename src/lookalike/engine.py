@@ -47,6 +47,7 @@ class ImageSearchEngine:
         self._store: VectorStore | None = None
         self._adaptation = Adaptation()
         self._counts: dict[str, int] = {}
+        self._manifest: dict[str, Any] = {}
         self._checked = 0.0
 
     # --- wiring -----------------------------------------------------------------------------------------
@@ -91,6 +92,18 @@ class ImageSearchEngine:
     def images_per_product(self) -> dict[str, int]:
         return dict(self._counts)
 
+    @property
+    def build_id(self) -> str:
+        """The loaded generation's id, as of the last refresh (no store round trip: cheap on every request)."""
+        self._require()
+        return str(self._manifest.get("build_id") or "")
+
+    @property
+    def image_count(self) -> int:
+        """Images in the loaded index, as of the last refresh (no store round trip)."""
+        self._require()
+        return sum(self._counts.values())
+
     def _cache(self) -> EmbeddingCache:
         return EmbeddingCache.for_catalog(self.settings.cache_dir, self.extractor.fingerprint, self.data_root)
 
@@ -123,7 +136,7 @@ class ImageSearchEngine:
         manifest = store.manifest() or {}
         if adaptation is None:
             adaptation = load_adaptation(manifest, self.settings.index_path, self.settings.metadata_path)
-        self._store, self._adaptation = store, adaptation
+        self._store, self._adaptation, self._manifest = store, adaptation, manifest
         self._counts = store.product_counts()
         self._checked = time.monotonic()
 

@@ -193,7 +193,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return {**out, "image_url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
 
     def build_id() -> str:
-        return str(engine.snapshot.manifest.get("build_id", ""))
+        return engine.build_id
 
     # --- searching ------------------------------------------------------------------------------------------
 
@@ -387,8 +387,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             detail = "the index failed to load (see the server log)" if state.status == "failed" else None
             body = {"status": "failed" if state.status == "failed" else "loading", "detail": detail}
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-        snap = engine.snapshot
-        return {"status": "ready", "images": snap.index.ntotal, "build_id": build_id()}
+        return {"status": "ready", "images": engine.image_count, "build_id": build_id()}
 
     @app.get("/metrics", tags=["operations"], response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     def metrics():
