@@ -366,7 +366,7 @@ def finetune(
         "excluded_products": sorted(exclude_products),
         "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda},
         "history": history,
-        "seconds": {"wall": round(wall, 1), "cpu": round(cpu, 1), "cache_wall": round(cache_s, 1)},
+        "seconds": {"wall": round(wall, 3), "cpu": round(cpu, 3), "cache_wall": round(cache_s, 3)},
         "device": device,
     }
     # The fine-tuned model is kept when it (alone, or with the LDA refitted on its features, which is what an index
