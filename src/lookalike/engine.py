@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from . import edits, files, ranking
+from . import edits, files, searching
+from . import manifest as manifests
 from .cache import EmbeddingCache, embed_with_cache
-from .imaging import ImageError, ImageSource, describe
-from .manifest import EngineView, IndexMismatchError, check_model, index_statistics, load_adaptation
-from .settings import Settings, SettingsError, adopt_recorded
+from .imaging import ImageSource
+from .manifest import EngineView, IndexMismatchError
+from .settings import Settings
 from .store import DataManager
-from .stores import VectorStore, open_store, search_device
-from .stores.base import IndexFileError
+from .stores import VectorStore, search_device
 from .tuning import Adaptation
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,14 @@ class ImageSearchEngine:
         self._require()
         return sum(self._counts.values())
 
+    def _fresh_view(self, top_k: int) -> tuple[VectorStore, Adaptation, dict[str, int], Path]:
+        """What a search reads (store, adaptation, images per product, catalog root), after checking ``top_k``
+        and a refresh. Raises when no index is loaded."""
+        searching.check_top_k(top_k)
+        self._require()
+        self._refresh()
+        return self.store, self._adaptation, self._counts, self.data_root
+
     def _cache(self) -> EmbeddingCache:
         return EmbeddingCache.for_catalog(self.settings.cache_dir, self.extractor.fingerprint, self.data_root)
 
@@ -115,27 +123,16 @@ class ImageSearchEngine:
     def _open(self, manifest_settings: bool, *, rebuild: bool = False) -> VectorStore:
         """Open the configured store; adopt the settings its manifest recorded (the index is the source of truth)."""
         device = self._extractor.device if self._extractor is not None else search_device(self.settings)
-        store = open_store(self.settings, metric=self.settings.similarity_metric, device=device)
-        recorded = (store.manifest() or {}).get("settings")
-        if manifest_settings and recorded:
-            try:
-                adopted = adopt_recorded(self.settings, recorded)
-            except SettingsError as exc:
-                if not rebuild:  # opening: a setting that contradicts the index is an error naming both values
-                    raise IndexMismatchError(str(exc)) from exc
-                # rebuilding: what the user set explicitly wins (a new index); the rest still follows the old one
-                logger.info("rebuilding with other settings than the index had: %s", exc)
-                mine = {k: v for k, v in recorded.items() if k not in self.settings.explicit}
-                adopted = adopt_recorded(self.settings, mine)
-            if adopted != self.settings and getattr(self._extractor, "settings", None) is self.settings:
-                self._extractor = None  # made again, from the adopted settings
-            self.settings = adopted
+        store, adopted = manifests.open_adopting(self.settings, device, adopt=manifest_settings, rebuild=rebuild)
+        if adopted != self.settings and getattr(self._extractor, "settings", None) is self.settings:
+            self._extractor = None  # made again, from the adopted settings
+        self.settings = adopted
         return store
 
     def _install(self, store: VectorStore, adaptation: Adaptation | None = None) -> None:
         manifest = store.manifest() or {}
         if adaptation is None:
-            adaptation = load_adaptation(manifest, self.settings.index_path, self.settings.metadata_path)
+            adaptation = manifests.load_adaptation(manifest, self.settings.index_path, self.settings.metadata_path)
         self._store, self._adaptation, self._manifest = store, adaptation, manifest
         self._counts = store.product_counts()
         self._checked = time.monotonic()
@@ -150,10 +147,7 @@ class ImageSearchEngine:
             manifest = store.manifest() or {}
             logger.info("serving generation %s committed by another process", manifest.get("build_id"))
             if self._extractor is not None:
-                try:
-                    check_model(manifest, self._extractor.describe(), self.settings.similarity_metric, "the store")
-                except IndexMismatchError as exc:
-                    logger.error("another process rebuilt the index with another model; restart to follow: %s", exc)
+                manifests.warn_other_model(manifest, self._extractor.describe(), self.settings.similarity_metric)
             self._install(store)
 
     @contextlib.contextmanager
@@ -188,12 +182,9 @@ class ImageSearchEngine:
         checksums.
         """
         store = self._open(manifest_settings=True)
-        manifest = store.manifest()
-        if manifest is None:
-            raise IndexFileError(
-                f"no index at {self.settings.metadata_path}: build the index first (`lookalike index` or build_index())"
-            )
-        check_model(manifest, self.extractor.describe(), self.settings.similarity_metric, self.settings.metadata_path)
+        where = self.settings.metadata_path
+        manifest = manifests.require_index(store, where)
+        manifests.check_model(manifest, self.extractor.describe(), self.settings.similarity_metric, where)
         self._install(store)
         logger.info("loaded index %s: %d images", manifest.get("build_id"), store.count())
 
@@ -239,14 +230,10 @@ class ImageSearchEngine:
         only_matches: bool = False,
     ) -> list[list[dict[str, Any]]]:
         """:meth:`search` for many queries in one call (batched extraction and search); one list per query."""
-        _check_top_k(top_k)
+        searching.check_top_k(top_k)
         self._require()
-        queries = list(queries)
-        raw = self.extractor.extract(queries, progress=False)
-        if raw.errors:
-            first = min(raw.errors)
-            raise ImageError(describe(queries[first]), raw.errors[first])
-        return self.search_vectors(raw.vectors, top_k, by_product=by_product, min_similarity=min_similarity,
+        vectors = searching.extract_queries(self.extractor, list(queries))
+        return self.search_vectors(vectors, top_k, by_product=by_product, min_similarity=min_similarity,
                                    only_matches=only_matches)  # fmt: skip
 
     def search_vectors(
@@ -260,21 +247,11 @@ class ImageSearchEngine:
     ) -> list[list[dict[str, Any]]]:
         """:meth:`search_batch` for feature vectors from this engine's extractor: (n, dim) embeddings as
         ``extract_batch_features`` returns them, or (n, raw_dim) raw vectors (needed by a tuned index)."""
-        _check_top_k(top_k)
-        self._require()
-        self._refresh()
-        adaptation = self._adaptation
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if adaptation.projection is not None and vectors.shape[1] != adaptation.projection.raw_dim:
-            raise ValueError(
-                f"this index is tuned: give raw vectors of {adaptation.projection.raw_dim} values "
-                "(FeatureExtractor.extract)"
-            )
-        queries = adaptation.transform(vectors, self.extractor.dim if adaptation.projection is None else 0)
-        results = self._rank(queries, top_k, by_product, min_similarity)
-        if only_matches and adaptation.threshold is not None:
-            results = [[h for h in hits if h.get("match", True)] for hits in results]
-        return results
+        view = self._fresh_view(top_k)
+        vectors = searching.check_vectors(self._adaptation, vectors)
+        dim = self.extractor.dim if self._adaptation.projection is None else 0
+        options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
+        return searching.search_vectors(*view, vectors, dim, top_k, **options)
 
     def similar_to_product(
         self, product_id: str, top_k: int = 5, *, min_similarity: float | None = None
@@ -283,38 +260,11 @@ class ImageSearchEngine:
 
         The product is represented by the mean of its indexed vectors. Raises UnknownProductError.
         """
-        _check_top_k(top_k)
-        store = self.store
-        self._refresh()
-        rows = store.fetch(store.ids(product_id=product_id), with_vectors=True)
-        if not rows:
-            raise UnknownProductError(product_id)
-        query = np.mean([r["vector"] for r in rows.values()], axis=0, keepdims=True)
-        others = len(self._counts) - 1
-        hits = self._rank(query, min(top_k + 1, max(others + 1, 1)), True, min_similarity)[0]
-        hits = [h for h in hits if h["product_id"] != product_id][:top_k]
-        for rank, hit in enumerate(hits, start=1):
-            hit["rank"] = rank
-        return hits
-
-    def _rank(self, vectors: np.ndarray, top_k: int, by_product: bool, min_similarity) -> list[list[dict[str, Any]]]:
-        return ranking.rank(
-            self.store,
-            vectors,
-            top_k,
-            by_product=by_product,
-            min_similarity=min_similarity,
-            images_per_product=self._counts,
-            threshold=self._adaptation.threshold,
-            root=self.data_root,
-        )
+        return searching.similar_to_product(*self._fresh_view(top_k), product_id, top_k, min_similarity)
 
     def image_file(self, image_id: str) -> Path:
         """The catalog file of an indexed image, looked up by its public id only (never by a path from outside)."""
-        found = self.store.fetch([image_id]).get(image_id)
-        if found is None:
-            raise LookupError(f"unknown image id {image_id!r}")
-        return self.data_root / found["path"]
+        return searching.image_file(self.store, self.data_root, image_id)
 
     # --- live catalog changes ---------------------------------------------------------------------------
 
@@ -347,12 +297,7 @@ class ImageSearchEngine:
         """Catalog and index facts: counts, images per product, formats, skipped files, model, index size."""
         store = self.store
         self._refresh()
-        return index_statistics(store, self._adaptation, self._counts, self.data_root)
-
-
-def _check_top_k(top_k: int) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+        return manifests.index_statistics(store, self._adaptation, self._counts, self.data_root)
 
 
 __all__ = ["BuildReport", "ImageSearchEngine", "IndexMismatchError", "UnknownProductError", "embed_with_cache"]

@@ -10,6 +10,7 @@ its checksum under ``files.projection``.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import files
+from .settings import Settings, SettingsError, adopt_recorded
+from .stores import VectorStore, open_store
 from .stores.base import IndexFileError, StoreInfo, StoreMismatchError
 from .tuning import Adaptation, Projection
 
 PROJECTION_SUFFIX = ".projection.npz"
+logger = logging.getLogger(__name__)
 
 
 class IndexMismatchError(IndexFileError, StoreMismatchError):
@@ -38,6 +42,46 @@ def check_model(manifest: dict[str, Any], model: dict[str, Any], metric: str, wh
             f"the index at {where} was built with other settings ({'; '.join(diffs)}). "
             "Rebuild it (`lookalike index` / build_index()) or use the settings it was built with."
         )
+
+
+def warn_other_model(manifest: dict[str, Any], model: dict[str, Any], metric: str) -> None:
+    """Log (not raise) when another process committed an index made by another model than the running one."""
+    try:
+        check_model(manifest, model, metric, "the store")
+    except IndexMismatchError as exc:
+        logger.error("another process rebuilt the index with another model; restart to follow: %s", exc)
+
+
+def adopt_index_settings(settings: Settings, recorded: dict[str, Any], *, rebuild: bool) -> Settings:
+    """``settings`` with the values the index recorded adopted (the index is the source of truth).
+
+    Opening, a setting that contradicts the index is an :class:`IndexMismatchError` naming both values;
+    rebuilding, what the user set explicitly wins (a new index) and the rest still follows the old one.
+    """
+    try:
+        return adopt_recorded(settings, recorded)
+    except SettingsError as exc:
+        if not rebuild:
+            raise IndexMismatchError(str(exc)) from exc
+        logger.info("rebuilding with other settings than the index had: %s", exc)
+        return adopt_recorded(settings, {k: v for k, v in recorded.items() if k not in settings.explicit})
+
+
+def open_adopting(settings: Settings, device: Any, *, adopt: bool, rebuild: bool) -> tuple[VectorStore, Settings]:
+    """Open the configured store (searching on ``device``) and, with ``adopt``, ``settings`` with the values its
+    manifest recorded adopted (:func:`adopt_index_settings`)."""
+    store = open_store(settings, metric=settings.similarity_metric, device=device)
+    if adopt and (recorded := (store.manifest() or {}).get("settings")):
+        settings = adopt_index_settings(settings, recorded, rebuild=rebuild)
+    return store, settings
+
+
+def require_index(store: VectorStore, where: Path | str) -> dict[str, Any]:
+    """The store's manifest; :class:`IndexFileError` naming ``where`` when nothing was built there yet."""
+    manifest = store.manifest()
+    if manifest is None:
+        raise IndexFileError(f"no index at {where}: build the index first (`lookalike index` or build_index())")
+    return manifest
 
 
 def build_manifest(

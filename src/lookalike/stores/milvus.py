@@ -37,17 +37,17 @@ import numpy as np
 from .base import REQUIRED_FIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
 from .milvus_support import (
     BATCH,
-    CHUNK,
     FIELDS,
     HNSW_BUILD,
-    MAX_ID,
-    MAX_PATH,
-    MAX_PRODUCT,
     MAX_TOPK,
     check_options,
+    create_vector_collection,
+    ensure_manifest_collection,
     in_list,
     index_params,
     is_lite,
+    join_manifest,
+    manifest_rows,
     milvus_index,
     native_grouping,
     order_groups,
@@ -55,6 +55,7 @@ from .milvus_support import (
     quote,
     search_params,
     to_hit,
+    unreachable_error,
 )
 
 log = logging.getLogger(__name__)
@@ -130,35 +131,11 @@ class MilvusStore:
             raise self._unreachable(exc, token) from exc
 
     def _unreachable(self, exc: BaseException, token: str | None) -> StoreError:
-        reason = str(exc)
-        for secret in filter(None, (token, self.uri if self.uri != self.location else None)):
-            reason = reason.replace(secret, "***")
-        if is_lite(self.uri):
-            cause = exc.__cause__ or exc.__context__
-            detail = f"{reason} ({cause})" if cause else reason
-            return StoreError(
-                f"cannot open the Milvus Lite file {self.location}: {detail}. Milvus Lite allows one process at a "
-                "time per file; stop the other process or use a Milvus server (milvus_uri: http://host:19530)"
-            )
-        return StoreError(
-            f"cannot reach Milvus at {self.location}: {reason}. Start the server (docs/scaling.md, make "
-            "milvus-server) or fix milvus_uri; set LOOKALIKE_MILVUS_TOKEN if the server requires authentication"
-        )
+        return unreachable_error(exc, self.uri, self.location, token)
 
     # --- schema ---------------------------------------------------------------------------------------------
     def _create(self, name: str, kind: str, count: int) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        schema.add_field("product_id", DataType.VARCHAR, max_length=MAX_PRODUCT)
-        schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH)
-        schema.add_field("format", DataType.VARCHAR, max_length=64)
-        schema.add_field("extra", DataType.JSON)
-        params = self._client.prepare_index_params()
-        params.add_index("vector", index_type=kind, metric_type=self._milvus_metric, params=index_params(kind, count))
-        self._client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+        create_vector_collection(self._client, name, self.dim, kind, self._milvus_metric, index_params(kind, count))
         self._kind, self._index_params, self._exists = kind, index_params(kind, count), True
         log.info(
             "created Milvus collection %r at %s (dim %d, %s, %s)", name, self.location, self.dim, kind, self.metric
@@ -198,20 +175,7 @@ class MilvusStore:
         self._index_params = {k: index[k] for k in ("nlist", "M", "efConstruction") if k in index}
 
     def _ensure_manifest_collection(self) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        if self._client.has_collection(self.manifest_collection):
-            self._client.load_collection(self.manifest_collection)
-            return
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("data", DataType.VARCHAR, max_length=65535)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus 2.3 wants a vector field in every collection
-        params = self._client.prepare_index_params()
-        params.add_index("vector", index_type="FLAT", metric_type="L2")
-        self._client.create_collection(
-            self.manifest_collection, schema=schema, index_params=params, consistency_level="Strong"
-        )
+        ensure_manifest_collection(self._client, self.manifest_collection)
 
     # --- manifest and generation ----------------------------------------------------------------------------
     def _meta_rows(self, filter_: str) -> dict[str, str]:
@@ -222,19 +186,15 @@ class MilvusStore:
         rows = self._meta_rows('key like "manifest:%"')
         if not rows:
             return None
-        head = json.loads(rows["manifest:0"])
-        text = "".join(rows.get(f"manifest:{i}", "") for i in range(1, int(head["chunks"]) + 1))
+        text = join_manifest(rows)
         try:
             return json.loads(text)
         except ValueError as exc:
             raise StoreError(f"the manifest of {self.collection!r} at {self.location} is damaged: {exc}") from exc
 
     def set_manifest(self, manifest: Mapping[str, Any]) -> None:
-        text = json.dumps(dict(manifest), sort_keys=True, ensure_ascii=False)
-        chunks = [text[i : i + CHUNK // 4] for i in range(0, len(text), CHUNK // 4)] or [""]  # 4 bytes/char at most
-        rows = [{"key": f"manifest:{i}", "data": c, "vector": [0.0, 0.0]} for i, c in enumerate(chunks, 1)]
-        rows.append({"key": "manifest:0", "data": json.dumps({"chunks": len(chunks)}), "vector": [0.0, 0.0]})
-        old = [k for k in self._meta_rows('key like "manifest:%"') if int(k.split(":")[1]) > len(chunks)]
+        rows = manifest_rows(manifest)
+        old = [k for k in self._meta_rows('key like "manifest:%"') if int(k.split(":")[1]) >= len(rows)]
         self._client.upsert(self.manifest_collection, rows)
         if old:
             self._client.delete(self.manifest_collection, filter=in_list("key", old))

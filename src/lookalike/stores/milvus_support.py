@@ -1,11 +1,13 @@
-"""Pure helpers of the Milvus store: expression literals, index choice, search parameters, server capabilities.
+"""Helpers of the Milvus store: expression literals, index choice, search parameters, server capabilities,
+collection schemas, manifest rows and connection errors.
 
-Kept apart from :mod:`lookalike.stores.milvus` so they can be tested without a Milvus, and so the store module
-stays readable. Imports nothing from pymilvus.
+Kept apart from :mod:`lookalike.stores.milvus` so most can be tested without a Milvus, and so the store module
+stays readable. Imports pymilvus only inside the two functions that create collections.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from .base import StoreHit
+from .base import StoreError, StoreHit
 
 MAX_ID = 512  # image ids are 16 hex characters; room for callers with their own ids
 MAX_PRODUCT = 1024  # bytes: lookalike.ids allows 180 bytes of UTF-8; other callers get more room
@@ -133,3 +135,69 @@ def order_groups(hits: list[StoreHit], k: int, group_size: int) -> list[StoreHit
         if len(members) < group_size:
             members.append(hit)
     return [h for members in list(groups.values())[:k] for h in members]
+
+
+def create_vector_collection(client, name: str, dim: int, kind: str, metric: str, params: Mapping[str, Any]) -> None:
+    """Create the image collection: id, vector, product_id, path, format, extra (JSON), with its vector index."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("product_id", DataType.VARCHAR, max_length=MAX_PRODUCT)
+    schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH)
+    schema.add_field("format", DataType.VARCHAR, max_length=64)
+    schema.add_field("extra", DataType.JSON)
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type=kind, metric_type=metric, params=dict(params))
+    client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+
+
+def ensure_manifest_collection(client, name: str) -> None:
+    """Load the manifest/generation collection, creating it first if missing."""
+    from pymilvus import DataType, MilvusClient
+
+    if client.has_collection(name):
+        client.load_collection(name)
+        return
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("data", DataType.VARCHAR, max_length=65535)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus 2.3 wants a vector field in every collection
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type="FLAT", metric_type="L2")
+    client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+
+
+def manifest_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The manifest as rows of the manifest collection: ``manifest:1..n`` hold the JSON text in chunks,
+    ``manifest:0`` (last) says how many."""
+    text = json.dumps(dict(manifest), sort_keys=True, ensure_ascii=False)
+    chunks = [text[i : i + CHUNK // 4] for i in range(0, len(text), CHUNK // 4)] or [""]  # 4 bytes/char at most
+    rows = [{"key": f"manifest:{i}", "data": c, "vector": [0.0, 0.0]} for i, c in enumerate(chunks, 1)]
+    rows.append({"key": "manifest:0", "data": json.dumps({"chunks": len(chunks)}), "vector": [0.0, 0.0]})
+    return rows
+
+
+def join_manifest(rows: Mapping[str, str]) -> str:
+    """The manifest's JSON text from the ``manifest:*`` rows (key -> data) :func:`manifest_rows` wrote."""
+    head = json.loads(rows["manifest:0"])
+    return "".join(rows.get(f"manifest:{i}", "") for i in range(1, int(head["chunks"]) + 1))
+
+
+def unreachable_error(exc: BaseException, uri: str, location: str, token: str | None) -> StoreError:
+    """The error for a Milvus that cannot be opened or reached, naming ``location`` and never the token."""
+    reason = str(exc)
+    for secret in filter(None, (token, uri if uri != location else None)):
+        reason = reason.replace(secret, "***")
+    if is_lite(uri):
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{reason} ({cause})" if cause else reason
+        return StoreError(
+            f"cannot open the Milvus Lite file {location}: {detail}. Milvus Lite allows one process at a "
+            "time per file; stop the other process or use a Milvus server (milvus_uri: http://host:19530)"
+        )
+    return StoreError(
+        f"cannot reach Milvus at {location}: {reason}. Start the server (docs/scaling.md, make "
+        "milvus-server) or fix milvus_uri; set LOOKALIKE_MILVUS_TOKEN if the server requires authentication"
+    )
