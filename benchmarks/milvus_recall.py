@@ -21,6 +21,7 @@ from common import grocery_photos, print_table, write_results
 from lookalike import Settings
 from lookalike.embedding import FeatureExtractor
 from lookalike.ids import image_id_for
+from lookalike.stores.milvus_support import server_answers as _reachable
 
 
 def main() -> None:
@@ -67,16 +68,6 @@ def main() -> None:
         row["delta_vs_faiss"] = row["recall@1"] - rows[0]["recall@1"]
     print_table(rows, ["backend", "recall@1", "product_hit@5", "delta_vs_faiss"], "Grocery photo -> catalog")
     print(f"wrote {write_results('milvus_recall', {'catalog': len(paths), 'queries': len(truth), 'results': rows})}")
-
-
-def _reachable(uri: str) -> bool:
-    from pymilvus import MilvusClient
-
-    try:
-        MilvusClient(uri=uri, timeout=3).get_server_version()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 if __name__ == "__main__":

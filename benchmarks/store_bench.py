@@ -35,6 +35,7 @@ from common import (
     recall_at_k,
     write_results,
 )
+from lookalike.stores.milvus_support import server_answers as _reachable
 
 DIM = 1280
 K = 10
@@ -147,16 +148,6 @@ def _row(backend: str, index: str, n: int, insert_s: float, indexed_s: float, re
         "indexed_s": indexed_s,
         "recall@10": recall,
     }
-
-
-def _reachable(uri: str) -> bool:
-    from pymilvus import MilvusClient
-
-    try:
-        MilvusClient(uri=uri, timeout=3).get_server_version()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def main() -> None:

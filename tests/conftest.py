@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from lookalike import Settings
+from lookalike.stores.milvus_support import server_answers as _reachable
 
 GROCERY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grocery"
 
@@ -113,16 +114,6 @@ def grocery() -> Path:
 MILVUS_SERVER_VENV = Path(
     os.environ.get("LOOKALIKE_MILVUS_SERVER_VENV", Path(__file__).resolve().parents[1] / ".venv-milvus")
 )
-
-
-def _reachable(uri: str) -> bool:
-    from pymilvus import MilvusClient
-
-    try:
-        MilvusClient(uri=uri, timeout=3).get_server_version()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 @pytest.fixture(scope="session")

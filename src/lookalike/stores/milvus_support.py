@@ -201,3 +201,14 @@ def unreachable_error(exc: BaseException, uri: str, location: str, token: str | 
         f"cannot reach Milvus at {location}: {reason}. Start the server (docs/scaling.md, make "
         "milvus-server) or fix milvus_uri; set LOOKALIKE_MILVUS_TOKEN if the server requires authentication"
     )
+
+
+def server_answers(uri: str, timeout: float = 3.0) -> bool:
+    """Whether a Milvus server answers at ``uri`` (tests and benchmarks wait for one with this)."""
+    from pymilvus import MilvusClient
+
+    try:
+        MilvusClient(uri=uri, timeout=timeout).get_server_version()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not (yet) there"
+        return False
