@@ -7,8 +7,9 @@ token comes from the caller (``LOOKALIKE_MILVUS_TOKEN``) and never appears in a 
 Schema of the collection: ``id`` VARCHAR primary key (the image id), ``vector`` FLOAT_VECTOR(dim), ``product_id``,
 ``path``, ``format`` VARCHAR (declared, so grouping and delete-by-product are server-side), ``extra`` JSON for any
 further per-image field, ``record`` JSON: the product's record, ``{}`` without one (filters read it; see
-:mod:`lookalike.stores.milvus_records`). Cosine runs as ``IP`` over L2-normalised vectors; l2 as ``L2`` (Milvus reports the
-squared distance: ``distance`` holds the Euclidean one, ``score`` the similarity ``1 / (1 + distance)``).
+:mod:`lookalike.stores.milvus_records`). Cosine runs as ``IP`` over L2-normalised vectors; l2 as ``L2``
+(Milvus reports the squared distance: ``distance`` holds the Euclidean one, ``score`` the similarity
+``1 / (1 + distance)``).
 
 The manifest and a write generation live in a companion collection ``<collection>__manifest`` (JSON chunks), so
 any client of the same server finds the model identity with the vectors and :meth:`MilvusStore.refresh` can tell
