@@ -177,6 +177,10 @@ class StoreContract:
         flt = parse_where({"category": "x"})
         hits = again.search(vectors[:1], 3, where=StoreFilter(frozenset({"p001"}), flt.to_milvus_expr(), 8))[0]
         assert {h.product_id for h in hits} == {"p001"}
+        other = parse_where({"category": {"ne": "x"}})  # products without a record pass "!=" too
+        passing = frozenset(p for p in again.product_counts() if other.matches(again.records().get(p), p))
+        hits = again.search(vectors[:1], 5, where=StoreFilter(passing, other.to_milvus_expr()))[0]
+        assert len(hits) == 5 and "p001" not in {h.product_id for h in hits}
         third = open_store()  # a fresh instance adds an image: the row gets its product's saved record
         third.upsert(["new1"], vectors[:1], [{"product_id": "p001", "path": "p001/new.jpg", "format": "JPEG"}])
         hits = third.search(vectors[:1], 20, where=StoreFilter(frozenset({"p001"}), flt.to_milvus_expr(), 9))[0]
