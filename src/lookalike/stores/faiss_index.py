@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,7 @@ class VectorIndex:
         self._rotation = HadamardRotation(int(index.d), block) if block else None
         self.device = device  # "cuda..." searches exact indexes with a torch matmul on the GPU
         self._mirror = None  # the vectors on the GPU, made on first search
+        self._subset: tuple[np.ndarray, np.ndarray] | None = None  # (rows asked, their decoded vectors), last one
         self._lock = threading.Lock()  # guards structures made on first use (the IVF direct map)
         _set_runtime_parameters(index)
 
@@ -169,7 +171,7 @@ class VectorIndex:
     def add(self, vectors: np.ndarray) -> None:
         if len(vectors):
             self._index.add(self.prepare(vectors))
-            self._mirror = None
+            self._mirror = self._subset = None
 
     def remove(self, rows: np.ndarray) -> None:
         """Drop these rows; later rows move down in order. Indexes that cannot remove in place (HNSW, IVF, ...)
@@ -191,7 +193,7 @@ class VectorIndex:
                 rebuilt.add(stored)
             _set_runtime_parameters(rebuilt)
             self._index = rebuilt
-        self._mirror = None
+        self._mirror = self._subset = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (n, k'), with k' = min(k, ntotal); best first.
@@ -229,6 +231,7 @@ class VectorIndex:
         of an approximate index is searched through the index with a widening window, keeping only its rows
         until ``k`` are found (as approximate as an unfiltered search of that index, never fewer than ``k``).
         """
+        asked = rows
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         k = min(int(k), len(rows))
@@ -239,7 +242,7 @@ class VectorIndex:
         if self.exact:
             return self._exact_subset(self.prepare(queries), k, rows)
         if len(rows) <= SUBSET_EXACT:
-            return self._brute_force(self.prepare(queries), k, rows)
+            return self._brute_force(self.prepare(queries), k, rows, asked)
         return self._widening_subset(queries, k, rows)
 
     def _exact_subset(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,16 +255,23 @@ class VectorIndex:
         scores, found = self._index.search(q, k, params=faiss.SearchParameters(sel=selector))
         return self._scores(scores, self._index.metric_type != faiss_inner_product()), found
 
-    def _brute_force(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """An exact pass over the rows' stored (decoded) vectors, in the space :meth:`prepare` maps to."""
-        self._ensure_direct_map()
-        x = np.asarray(self._index.reconstruct_batch(rows), dtype=np.float32)
+    def _brute_force(self, q: np.ndarray, k: int, rows: np.ndarray, asked: Any) -> tuple[np.ndarray, np.ndarray]:
+        """An exact pass over the rows' stored (decoded) vectors, in the space :meth:`prepare` maps to. The
+        decoded vectors of the last subset are kept while the caller asks with the same ``rows`` object (the
+        store hands the same one back for a repeated filter): decoding costs more than comparing."""
+        cached = self._subset
+        if cached is not None and cached[0] is asked:
+            x = cached[1]
+        else:
+            self._ensure_direct_map()
+            x = np.asarray(self._index.reconstruct_batch(rows), dtype=np.float32)
+            self._subset = (asked, x)
         sims = q @ x.T
         if self.metric == METRIC_L2:
             values = (q * q).sum(1, keepdims=True) + (x * x).sum(1)[None, :] - 2 * sims
-            order = np.argsort(values, axis=1, kind="stable")[:, :k]
+            order = _smallest(values, k)
             return np.sqrt(np.maximum(np.take_along_axis(values, order, 1), 0.0)), rows[order]
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        order = _smallest(-sims, k)
         return np.take_along_axis(sims, order, 1), rows[order]
 
     def _widening_subset(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,6 +344,17 @@ class VectorIndex:
 
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         return cls(index, metric, factory=factory, device=device)
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of each row's ``k`` smallest values, smallest first (ties by position)."""
+    if k < values.shape[1]:
+        part = np.argpartition(values, k - 1, axis=1)[:, :k]
+        part.sort(axis=1)  # by position, so that the stable sort below breaks ties as FAISS does
+    else:
+        part = np.broadcast_to(np.arange(values.shape[1]), values.shape).copy()
+    picked = np.take_along_axis(values, part, 1)
+    return np.take_along_axis(part, np.argsort(picked, axis=1, kind="stable"), 1)
 
 
 def faiss_inner_product() -> int:
