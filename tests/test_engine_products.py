@@ -243,3 +243,13 @@ def test_search_regions_on_the_engine(engine, tmp_path):
     snacks = engine.search_regions(canvas, top_k=2, where={"category": "snacks"})
     assert snacks and {h["product_id"] for r in snacks for h in r.hits} <= {"black-bar", "grey-cross"}
     assert "black-bar" in {r.product_id for r in snacks}
+
+
+def test_an_unusable_records_file_never_stops_a_build_and_keeps_the_previous_records(engine, shop, query):
+    (shop / "products.jsonl").write_text('{"product_id": "red-disc", "name": "Other"}\n')  # two files: which one?
+    report = engine.build_index(progress=False)
+    assert "both exist" in report.records["error"] and report.images == sum(CATALOG.values())
+    assert engine.search(query, top_k=1)[0]["record"]["name"] == "Red disc"  # the previous table, kept
+    (shop / "products.csv").unlink()
+    engine.build_index(progress=False)
+    assert engine.search(query, top_k=1)[0]["record"] == {"product_id": "red-disc", "name": "Other"}
