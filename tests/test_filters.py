@@ -110,7 +110,7 @@ def test_milvus_expressions_and_escaping():
     assert parse_where("product_id=a,b", FIELDS).to_milvus_expr(product_field="pid") == '(pid in ["a", "b"])'
     assert milvus_string('a"b\\c\nd\te') == r'"a\"b\\c\nd\te"'
     assert parse_where({"brand": {"ne": "x"}}, FIELDS).to_milvus_expr(json_field="r") == (
-        '(not (exists r["brand"] and r["brand"] == "x"))'
+        '(not ((exists r["brand"]) and r["brand"] == "x"))'
     )
 
 

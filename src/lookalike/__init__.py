@@ -18,30 +18,38 @@ __version__ = "0.1.0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
+    "BoxError": ".products",
     "BuildReport": ".engine",
     "CatalogWriteError": ".errors",
     "DataManager": ".store",
     "EvaluationUtils": ".evaluation",
     "FeatureExtractor": ".embedding",
+    "FilterError": ".filters",
     "ImageError": ".imaging",
     "ImageSearchEngine": ".engine",
     "IndexFileError": ".store",
     "IndexMismatchError": ".engine",
+    "ProductRecord": ".records",
+    "RegionResult": ".regions",
     "Settings": ".settings",
     "SettingsError": ".settings",
     "UnknownProductError": ".engine",
 }
 
 __all__ = [
+    "BoxError",
     "BuildReport",
     "CatalogWriteError",
     "DataManager",
     "EvaluationUtils",
     "FeatureExtractor",
+    "FilterError",
     "ImageError",
     "ImageSearchEngine",
     "IndexFileError",
     "IndexMismatchError",
+    "ProductRecord",
+    "RegionResult",
     "Settings",
     "SettingsError",
     "UnknownProductError",
@@ -53,7 +61,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .engine import BuildReport, ImageSearchEngine, IndexMismatchError, UnknownProductError
     from .errors import CatalogWriteError
     from .evaluation import EvaluationUtils
+    from .filters import FilterError
     from .imaging import ImageError
+    from .products import BoxError
+    from .records import ProductRecord
+    from .regions import RegionResult
     from .settings import Settings, SettingsError
     from .store import DataManager, IndexFileError
 

@@ -399,11 +399,12 @@ def _milvus_clause(clause: Clause, json_field: str, product_field: str) -> str:
     if op == "in":
         return " or ".join(f"{path} == {_literal(v)}" for v in value)  # type: ignore[union-attr]
     # Missing keys behave like SQL NULL in Milvus (both "!=" and "not (==)" drop them): test presence explicitly.
+    # "(exists x)" in parentheses: Milvus 2.3 reads "exists x and y" as "exists (x and y)".
     if op == "ne":
-        return f"not (exists {path} and {path} == {_literal(value)})"  # type: ignore[arg-type]
+        return f"not ((exists {path}) and {path} == {_literal(value)})"  # type: ignore[arg-type]
     if op == "not_in":
         alts = " or ".join(f"{path} == {_literal(v)}" for v in value)  # type: ignore[union-attr]
-        return f"not (exists {path} and ({alts}))"
+        return f"not ((exists {path}) and ({alts}))"
     if op in _RANGE:
         return f"{path} {_RANGE[op]} {_literal(value)}"  # type: ignore[arg-type]
     items = ", ".join(_literal(v) for v in (value if isinstance(value, tuple) else (value,)))
