@@ -816,6 +816,8 @@ def test_openapi_describes_every_endpoint(client):
     paths = schema["paths"]
     assert set(paths) == {
         "/search",
+        "/search/regions",
+        "/facets",
         "/products/{product_id}/similar",
         "/images/{image_id}",
         "/products/{product_id}/images",
@@ -826,6 +828,7 @@ def test_openapi_describes_every_endpoint(client):
         "/metrics",
     }
     assert "multipart/form-data" in paths["/search"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in paths["/search/regions"]["post"]["requestBody"]["content"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
