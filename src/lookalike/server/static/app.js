@@ -4,7 +4,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MIN_BOX_PX = 8; // a drag smaller than this (on screen) is a click, not a rectangle
+const MIN_BOX_PX = 8;
+const REGION_RESULTS = 3; // results per region: the product found and two runners-up // a drag smaller than this (on screen) is a click, not a rectangle
 const REGION_COLOURS = ["#e4572e", "#2f6fde", "#17a34a", "#a855f7", "#f59e0b", "#0891b2", "#db2777", "#65a30d"];
 
 // What the results on screen answer: the user's photo (with an optional box, in the photo's own pixels), or
@@ -331,7 +332,7 @@ function searchPhoto(file) {
 function searchRegions(file) {
   showBox(null);
   setStatus("Looking for every product in the photo…");
-  const extra = { top_k: Math.min(Number($("top-k").value), 5) };
+  const extra = { top_k: REGION_RESULTS };
   call(`search/regions?${params(extra)}`, { method: "POST", body: photoForm(file) }, (data) => {
     renderRegions(data.regions, filtered());
     showRegions(data.regions);
@@ -439,12 +440,14 @@ function card(hit) {
   return item;
 }
 
-// Confident results first; those below the "no match" threshold after a line, dimmed.
-function cards(results) {
+// Confident results first; those below the "no match" threshold after a line (unless told not to), dimmed.
+function cards(results, { line = true } = {}) {
   const strong = results.filter((h) => h.match !== false);
   const weak = results.filter((h) => h.match === false);
   const out = strong.map(card);
-  if (weak.length) {
+  if (weak.length && !line) {
+    out.push(...weak.map(card));
+  } else if (weak.length) {
     const line = document.createElement("li");
     line.className = "weak-line";
     line.textContent = strong.length
@@ -484,7 +487,7 @@ function renderRegions(regions, suffix) {
     heading.append(where);
     const grid = document.createElement("ol");
     grid.className = "grid";
-    grid.replaceChildren(...cards(region.hits));
+    grid.replaceChildren(...cards(region.hits, { line: false }));
     group.append(heading, grid);
     return group;
   });
