@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import PRODUCTS, product_image
+from lookalike import ImageSearchEngine, Settings
 from lookalike.cli import main
 from lookalike.export import read_export
-from lookalike.record_files import load_saved_records
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +29,19 @@ def flags(tmp_path, catalog) -> list[str]:
 
 
 def test_records_command_reports_and_saves(flags, catalog, tmp_path, capsys):
+    assert main(["records", *flags]) == 1  # no index yet: one line saying to build it
+    assert "build the index first" in capsys.readouterr().err
+    assert main(["index", *flags]) == 0
     (catalog / "products.csv").write_text("product_id,name,price\nred-disc,Red,2\ngreen-bar,Green,abc\nghost,G,1\n")
+    capsys.readouterr()
     assert main(["records", *flags]) == 0
     out = capsys.readouterr().out
     assert "2 record(s) from" in out and "1 line(s) skipped" in out and "record without a folder: ghost" in out
     assert "products.csv:3: column price: 'abc' is not a number" in out
-    saved = load_saved_records(tmp_path / "cache" / "records.json")
+    engine = ImageSearchEngine(Settings(config_file=None, environ={}, model_name="test_tiny", data_dir=catalog,
+                                        cache_dir=tmp_path / "cache"))  # fmt: skip
+    engine.load_index()
+    saved = engine.records
     assert saved["red-disc"].name == "Red" and set(saved) == {"red-disc", "ghost"}
     assert main(["records", *flags, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -28,8 +28,8 @@ from lookalike import (
 )
 from lookalike.stores.faiss_index import VectorIndex
 
-RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path", "image_similarity"}
-IMAGE_RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path"}
+RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path", "image_similarity", "record"}
+IMAGE_RESULT_KEYS = {"rank", "product_id", "similarity", "image_id", "image_path", "record"}
 N_IMAGES = sum(PRODUCTS.values())  # 10 images of 4 products in the `catalog` fixture
 
 

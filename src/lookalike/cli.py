@@ -48,7 +48,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "remove": _OPEN,
     "serve": (*_OPEN, *_SERVER),
     "eval": ("cache_dir", *_BUILD, *_RUN, *_STORE),
-    "records": (*_PATHS, *_CATALOG),
+    "records": (*_PATHS, *_CATALOG, *_STORE),
     "doctor": (*_CATALOG, *_PATHS, *_BUILD, *_RUN),
     "regions": _OPEN,
     "export": _OPEN,

@@ -43,13 +43,15 @@ def _engine(settings: Settings):
 
 
 def cmd_records(args, settings: Settings) -> int:
-    from .record_files import update_records
+    from .engine import ImageSearchEngine
 
-    _, report = update_records(settings.data_dir, settings.metadata_path)
-    d = report.to_dict()
+    d = ImageSearchEngine(settings).update_records()  # opens the index without the model: no image is read
     if args.json:
         print(json.dumps(d, indent=2, ensure_ascii=False))
         return 0
+    if d.get("error"):
+        print(f"records not updated: {d['error']}")
+        return 1
     if d["source"] is None:
         print(f"no products.csv or products.jsonl in {settings.data_dir}: results carry no records")
         return 0

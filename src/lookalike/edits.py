@@ -33,6 +33,7 @@ from . import files
 from .catalog import IMAGE_EXTENSIONS, stat_image
 from .ids import image_id_for, normalize_product_id
 from .imaging import ImageError
+from .products import catalog_records
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class BuildReport:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     seconds: float = 0.0
     tuning: dict[str, Any] = field(default_factory=dict)  # status "off", "tuned" (with validation) or "declined"
+    records: dict[str, Any] = field(default_factory=dict)  # the product records read (RecordsReport.to_dict())
 
 
 class UnknownProductError(LookupError):
@@ -96,6 +98,7 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
     labels = [images[i].product_id for i in good]
     adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=tune)
     fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
+    records, records_report = catalog_records(engine.data_root, labels, store.records())
     with Edit(engine, store) as edit:
         edit.prepare_cache(cache, emb.entries)
         projection = save_projection(settings.index_path, adaptation.projection)
@@ -103,6 +106,7 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
             dict(build_manifest(settings, extractor, adaptation, skipped, projection), duplicates=duplicates)
         )
         vectors = adaptation.transform(emb.vectors[good], extractor.dim)
+        store.set_records(records)
         edit.commit(lambda: store.replace_all([image_id_for(r) for r in rel], vectors, fields))
     engine._install(store, adaptation)
     report = BuildReport(
@@ -113,6 +117,7 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
         skipped=skipped,
         seconds=time.perf_counter() - start,
         tuning=adaptation.tuning,
+        records=records_report,
     )
     logger.info(
         "indexed %d images of %d products (%d extracted, %d from cache, %d skipped) in %.1fs",
@@ -174,6 +179,8 @@ def add_images(engine, product_id: str, sources: list[Path]) -> dict[str, Any]:
         edit.begin([(staged[i], dests[i]) for i in copies], undo="unlink")
         fields = [{"product_id": product_id, "path": rel[i], "format": f} for i, f in zip(keep, formats)]
         vectors = engine._adaptation.transform(result.vectors[keep], extractor.dim)
+        if keep:  # the records file may name the new product: read it again (no image is read for that)
+            store.set_records(catalog_records(root, {*store.product_counts(), product_id}, store.records())[0])
         edit.commit(lambda: store.upsert([ids[i] for i in keep], vectors, fields) if keep else None)
     engine._install(store, engine._adaptation)
     return {"product_id": product_id, "added": len(keep), "images": store.count(), "image_ids": [ids[i] for i in keep]}
@@ -199,6 +206,7 @@ def remove_product(engine, product_id: str) -> dict[str, Any]:
         edit.begin([(folder, moved_to)] if moved_to else [], undo="rename")
         skipped = [s for s in manifest.get("skipped", []) if Path(s["path"]).parent.name != product_id]
         store.set_manifest(dict(manifest, skipped=skipped))
+        store.set_records(catalog_records(root, set(store.product_counts()) - {product_id}, store.records())[0])
         removed = edit.commit(lambda: store.delete(product_id=product_id))
     engine._install(store, engine._adaptation)
     return {

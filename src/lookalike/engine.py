@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from . import edits, files, searching
+from . import edits, files, products, searching
 from . import manifest as manifests
 from .cache import EmbeddingCache, embed_with_cache
 from .imaging import ImageSource
 from .manifest import EngineView, IndexMismatchError
+from .products import Where
+from .records import ProductRecord
+from .regions import RegionResult, search_regions
 from .settings import Settings
 from .store import DataManager
 from .stores import VectorStore, search_device
@@ -48,6 +51,7 @@ class ImageSearchEngine:
         self._adaptation = Adaptation()
         self._counts: dict[str, int] = {}
         self._manifest: dict[str, Any] = {}
+        self._table = products.ProductTable()
         self._checked = 0.0
 
     # --- wiring -----------------------------------------------------------------------------------------
@@ -93,6 +97,16 @@ class ImageSearchEngine:
         return dict(self._counts)
 
     @property
+    def records(self) -> dict[str, ProductRecord]:
+        """The product records saved with the loaded index, by product id (empty without a records file)."""
+        return dict(self._table.records)
+
+    def record_fields(self) -> dict[str, list[str]]:
+        """The record fields the loaded records have values for, with their kinds (``text``, ``number``,
+        ``bool``, ``list``): what ``where=`` can filter on usefully (e.g. a search page's filter controls)."""
+        return self._table.fields()
+
+    @property
     def build_id(self) -> str:
         """The loaded generation's id, as of the last refresh (no store round trip: cheap on every request)."""
         self._require()
@@ -135,6 +149,7 @@ class ImageSearchEngine:
             adaptation = manifests.load_adaptation(manifest, self.settings.index_path, self.settings.metadata_path)
         self._store, self._adaptation, self._manifest = store, adaptation, manifest
         self._counts = store.product_counts()
+        self._table = products.load_table(store, self._table)
         self._checked = time.monotonic()
 
     def _refresh(self, *, now: bool = False) -> None:
@@ -207,6 +222,8 @@ class ImageSearchEngine:
         by_product: bool = True,
         min_similarity: float | None = None,
         only_matches: bool = False,
+        where: Where = None,
+        box: Sequence[float] | str | None = None,
     ) -> list[dict[str, Any]]:
         """The products (or, with ``by_product=False``, the images) that look most like ``query``, best first.
 
@@ -216,9 +233,15 @@ class ImageSearchEngine:
         (``image_similarity``). With the l2 metric results also carry ``distance``. When the index is
         calibrated, each product result says whether it is a ``match``; ``only_matches=True`` keeps only those,
         so an empty list means "not in my catalog".
+
+        Every result carries its product's ``record`` (a dict, None without one). ``where`` keeps only products
+        whose record passes (a dict like ``{"category": "dairy", "price": {"lte": 20}}``, clause strings like
+        ``"price<=20"``, or a :class:`~lookalike.filters.Filter`; :class:`~lookalike.filters.FilterError` names
+        the known fields); ``top_k`` is filled whenever enough such products exist. ``box`` = (x0, y0, x1, y1)
+        in pixels searches only that part of the photo (:class:`~lookalike.products.BoxError` when unusable).
         """
         options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
-        return self.search_batch([query], top_k, **options)[0]
+        return self.search_batch([query], top_k, **options, where=where, boxes=None if box is None else [box])[0]
 
     def search_batch(
         self,
@@ -228,13 +251,18 @@ class ImageSearchEngine:
         by_product: bool = True,
         min_similarity: float | None = None,
         only_matches: bool = False,
+        where: Where = None,
+        boxes: Sequence[Sequence[float] | str | None] | None = None,
     ) -> list[list[dict[str, Any]]]:
-        """:meth:`search` for many queries in one call (batched extraction and search); one list per query."""
+        """:meth:`search` for many queries in one call (batched extraction and search); one list per query.
+        ``boxes``: one box (or None: the whole photo) per query."""
         searching.check_top_k(top_k)
         self._require()
-        vectors = searching.extract_queries(self.extractor, list(queries))
+        products.check_where(where, self._table)  # a bad filter fails before any photo is decoded
+        queries = products.crop_queries(list(queries), boxes, self.settings.max_image_pixels)
+        vectors = searching.extract_queries(self.extractor, queries)
         return self.search_vectors(vectors, top_k, by_product=by_product, min_similarity=min_similarity,
-                                   only_matches=only_matches)  # fmt: skip
+                                   only_matches=only_matches, where=where)  # fmt: skip
 
     def search_vectors(
         self,
@@ -244,23 +272,44 @@ class ImageSearchEngine:
         by_product: bool = True,
         min_similarity: float | None = None,
         only_matches: bool = False,
+        where: Where = None,
     ) -> list[list[dict[str, Any]]]:
         """:meth:`search_batch` for feature vectors from this engine's extractor: (n, dim) embeddings as
         ``extract_batch_features`` returns them, or (n, raw_dim) raw vectors (needed by a tuned index)."""
         view = self._fresh_view(top_k)
+        table = self._table
+        flt = products.store_filter(where, table, self._counts)
         vectors = searching.check_vectors(self._adaptation, vectors)
         dim = self.extractor.dim if self._adaptation.projection is None else 0
         options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
-        return searching.search_vectors(*view, vectors, dim, top_k, **options)
+        return products.attach(searching.search_vectors(*view, vectors, dim, top_k, **options, where=flt), table)
 
     def similar_to_product(
-        self, product_id: str, top_k: int = 5, *, min_similarity: float | None = None
+        self, product_id: str, top_k: int = 5, *, min_similarity: float | None = None, where: Where = None
     ) -> list[dict[str, Any]]:
-        """More like this: the other products that look most like ``product_id`` (which is left out).
+        """More like this: the other products that look most like ``product_id`` (which is left out), each with
+        its ``record``; ``where`` as in :meth:`search`.
 
         The product is represented by the mean of its indexed vectors. Raises UnknownProductError.
         """
-        return searching.similar_to_product(*self._fresh_view(top_k), product_id, top_k, min_similarity)
+        view, table = self._fresh_view(top_k), self._table
+        flt = products.store_filter(where, table, self._counts)
+        hits = searching.similar_to_product(*view, product_id, top_k, min_similarity, flt)
+        return products.attach([hits], table)[0]
+
+    def search_regions(
+        self,
+        image: ImageSource,
+        top_k: int = 3,
+        max_regions: int = 10,
+        min_similarity: float | None = None,
+        where: Where = None,
+    ) -> list[RegionResult]:
+        """Every product in a photo of several: (box, hits) per region, best first (:mod:`lookalike.regions`:
+        sliding windows searched in batches, confident non-overlapping matches kept, one region per product)."""
+        flt = products.check_where(where, self._table) if self.is_ready else where
+        options = {"top_k": top_k, "max_regions": max_regions, "min_similarity": min_similarity}
+        return search_regions(self, image, **options, **({"where": flt} if flt is not None else {}))
 
     def image_file(self, image_id: str) -> Path:
         """The catalog file of an indexed image, looked up by its public id only (never by a path from outside)."""
@@ -291,13 +340,29 @@ class ImageSearchEngine:
         logger.info("removed product %s (%d images)", out["product_id"], out["removed"])
         return out
 
+    def update_records(self) -> dict[str, Any]:
+        """Re-read the catalog's ``products.csv`` / ``products.jsonl`` and save it with the index, without reading
+        any image (``lookalike records``); engines of other processes see it on their next refresh. Returns the
+        report: loaded, skipped lines and their issues, records without a folder, products without a record."""
+        with files.catalog_lock(self.settings.cache_dir):
+            if self.is_ready:
+                self._refresh(now=True)
+            store = self._store if self.is_ready else self._open(manifest_settings=True)
+            manifests.require_index(store, self.settings.metadata_path)
+            edits.recover(self.settings.cache_dir, store)
+            report = products.update_records(store, self.data_root)
+            if self.is_ready:
+                self._install(store, self._adaptation)
+        return report
+
     # --- statistics -------------------------------------------------------------------------------------
 
     def get_statistics(self) -> dict[str, Any]:
         """Catalog and index facts: counts, images per product, formats, skipped files, model, index size."""
         store = self.store
         self._refresh()
-        return manifests.index_statistics(store, self._adaptation, self._counts, self.data_root)
+        stats = manifests.index_statistics(store, self._adaptation, self._counts, self.data_root)
+        return dict(stats, records=len(self._table.records))
 
 
 __all__ = ["BuildReport", "ImageSearchEngine", "IndexMismatchError", "UnknownProductError", "embed_with_cache"]

@@ -118,12 +118,15 @@ def rank(
     images_per_product: Mapping[str, int],
     threshold: float | None,
     root: Path,
+    where: Any = None,
+    total: int | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The engine's results for query vectors already in index space, from any VectorStore: images, or products
     scored as above (over-fetching until settled). Each result is a dict with ``rank``, ``product_id``,
     ``similarity``, ``image_id``, ``image_path`` (under ``root``); products add ``image_similarity`` and, when
-    ``threshold`` is known, ``match``; l2 adds ``distance``."""
-    total = store.count()
+    ``threshold`` is known, ``match``; l2 adds ``distance``. ``where`` (a :class:`~lookalike.stores.StoreFilter`)
+    limits the search to its products' images, ``total`` of them (default: the whole store)."""
+    total = store.count() if total is None else total
     if total == 0:
         return [[] for _ in range(len(vectors))]
 
@@ -137,7 +140,7 @@ def rank(
 
     if not by_product:
         out = []
-        for hits in store.search(vectors, top_k):
+        for hits in store.search(vectors, top_k, where=where):
             kept = hits if min_similarity is None else list(_while_above(hits, min_similarity))
             results = [{"rank": r, **hit(h, h.score)} for r, h in enumerate(kept, start=1)]
             for res, h in zip(results, kept):
@@ -165,7 +168,8 @@ def rank(
             out.append(res)
         return out, settled
 
-    return widening_search(lambda pos, k: store.search(vectors[pos], k), len(vectors), total, top_k, settle)
+    search = lambda pos, k: store.search(vectors[pos], k, where=where)  # noqa: E731
+    return widening_search(search, len(vectors), total, top_k, settle)
 
 
 def _while_above(hits: list, floor: float):

@@ -11,7 +11,7 @@ import numpy as np
 from . import ranking
 from .edits import UnknownProductError
 from .imaging import ImageError, ImageSource, describe
-from .stores import VectorStore
+from .stores import StoreFilter, VectorStore
 from .tuning import Adaptation
 
 
@@ -38,8 +38,14 @@ def rank(
     top_k: int,
     by_product: bool,
     min_similarity: float | None,
+    where: StoreFilter | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """:func:`lookalike.ranking.rank` over the loaded index (already adapted query vectors)."""
+    """:func:`lookalike.ranking.rank` over the loaded index (already adapted query vectors); ``where`` limits it
+    to the filter's products (``where.images`` of them)."""
+    if where is not None:
+        options = {"where": where, "total": where.images if where.images is not None else store.count()}
+    else:
+        options = {}
     return ranking.rank(
         store,
         vectors,
@@ -49,6 +55,7 @@ def rank(
         images_per_product=counts,
         threshold=adaptation.threshold,
         root=root,
+        **options,
     )
 
 
@@ -75,10 +82,11 @@ def search_vectors(
     by_product: bool,
     min_similarity: float | None,
     only_matches: bool,
+    where: StoreFilter | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The engine's ``search_vectors`` on checked vectors; ``dim`` is the extractor's (unused by a tuned index)."""
     queries = adaptation.transform(vectors, dim if adaptation.projection is None else 0)
-    results = rank(store, adaptation, counts, root, queries, top_k, by_product, min_similarity)
+    results = rank(store, adaptation, counts, root, queries, top_k, by_product, min_similarity, where)
     if only_matches and adaptation.threshold is not None:
         results = [[h for h in hits if h.get("match", True)] for hits in results]
     return results
@@ -92,14 +100,17 @@ def similar_to_product(
     product_id: str,
     top_k: int,
     min_similarity: float | None,
+    where: StoreFilter | None = None,
 ) -> list[dict[str, Any]]:
-    """More like this: the mean of the product's indexed vectors, ranked, with the product itself left out."""
+    """More like this: the mean of the product's indexed vectors, ranked, with the product itself left out
+    (and, with ``where``, only the filter's products)."""
     rows = store.fetch(store.ids(product_id=product_id), with_vectors=True)
     if not rows:
         raise UnknownProductError(product_id)
     query = np.mean([r["vector"] for r in rows.values()], axis=0, keepdims=True)
     others = len(counts) - 1
-    hits = rank(store, adaptation, counts, root, query, min(top_k + 1, max(others + 1, 1)), True, min_similarity)[0]
+    k = min(top_k + 1, max(others + 1, 1))
+    hits = rank(store, adaptation, counts, root, query, k, True, min_similarity, where)[0]
     hits = [h for h in hits if h["product_id"] != product_id][:top_k]
     for position, hit in enumerate(hits, start=1):
         hit["rank"] = position

@@ -13,6 +13,19 @@ Per-image fields every store keeps (``fields`` rows): ``product_id`` (str), ``pa
 the catalog root), ``format`` (str). Further scalar fields (records, ``lookalike.records``) may be added by
 backends that support them; unknown fields are kept and returned by :meth:`VectorStore.fetch`.
 
+Product records (:mod:`lookalike.records`) are kept per product, not per image: :meth:`VectorStore.set_records`
+gives the store the table (product id -> the record's JSON dict), :meth:`VectorStore.records` returns the saved
+one. Like the manifest, a table given to ``set_records`` is saved with the next write or :meth:`VectorStore.commit`;
+no vector is extracted again. FAISS keeps it in a content-addressed file beside the manifest, named (with its
+checksum) by the manifest, so a generation can never be read with another generation's records; Milvus keeps it in
+the manifest collection and copies each product's record into its rows' ``record`` JSON field (for filters).
+
+Filtered search: the engine parses a ``where`` (:mod:`lookalike.filters`) against the loaded records and gives the
+store a :class:`StoreFilter` holding the exact set of products that pass (FAISS searches exactly over their images)
+and the same condition as a Milvus boolean expression (Milvus filters natively). A plain ``str`` is a raw Milvus
+expression (Milvus only). A filtered search returns only images of passing products and fills ``k`` whenever
+enough of them exist: never a post-filtered, starved list.
+
 What "saved" means: when :meth:`VectorStore.upsert`, :meth:`VectorStore.delete` or :meth:`VectorStore.commit`
 returns, a new :class:`VectorStore` opened on the same location (another process included) sees the change.
 FAISS: a new generation file plus the manifest, written atomically under the catalog's write lock. Milvus: the
@@ -80,6 +93,21 @@ class StoreHit(Mapping[str, Any]):
 
 
 @dataclass(frozen=True)
+class StoreFilter:
+    """Which images a search may return (only whole products pass or fail), in the forms the stores need.
+
+    ``product_ids``: every product that passes (the engine computes it from the loaded records; FAISS searches
+    exactly over these products' images). ``expr``: the same condition as a Milvus boolean expression over the
+    ``product_id`` field and the ``record`` JSON field (empty: use ``product_id in [...]``). ``images``: how many
+    images the passing products hold, when the caller knows it (the engine does), else None.
+    """
+
+    product_ids: frozenset[str]
+    expr: str = ""
+    images: int | None = None
+
+
+@dataclass(frozen=True)
 class StoreInfo:
     """What :meth:`VectorStore.describe` reports: enough for ``get_statistics`` and the manifest."""
 
@@ -108,8 +136,17 @@ class VectorStore(Protocol):
         ...
 
     def commit(self) -> None:
-        """Make a manifest given to :meth:`set_manifest` durable without writing any vector (a no-op where
-        :meth:`set_manifest` is durable by itself)."""
+        """Make a manifest given to :meth:`set_manifest` (and a table given to :meth:`set_records`) durable
+        without writing any vector (a no-op where nothing is pending)."""
+        ...
+
+    def records(self) -> Mapping[str, Mapping[str, Any]]:
+        """The saved product records (product id -> the record's JSON dict), or the one given to
+        :meth:`set_records` and not saved yet; empty when there are none. The same object until it changes."""
+        ...
+
+    def set_records(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace the product records: saved with the next write or :meth:`commit`; no vector is touched."""
         ...
 
     # --- writing --------------------------------------------------------------------------------------------
@@ -131,13 +168,13 @@ class VectorStore(Protocol):
         vectors: np.ndarray,
         k: int,
         *,
-        where: str | None = None,
+        where: StoreFilter | str | None = None,
         group_by_product: bool = False,
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
         """Best ``k`` images per query (or, grouped, the best ``k`` products with up to ``group_size`` images
-        each, best first, as a flat list ordered product by product). ``where`` is a filter in the store's
-        expression language built by the engine (None: everything)."""
+        each, best first, as a flat list ordered product by product). ``where``: only images of the products a
+        :class:`StoreFilter` passes (a ``str``: a raw Milvus expression, Milvus only); None: everything."""
         ...
 
     def fetch(self, ids: Sequence[str], *, with_vectors: bool = False) -> dict[str, dict[str, Any]]:

@@ -30,6 +30,7 @@ from .base import (
     REQUIRED_FIELDS,
     IndexFileError,
     StoreError,
+    StoreFilter,
     StoreHit,
     StoreInfo,
     StoreInputError,
@@ -44,6 +45,8 @@ from .faiss_files import (
     new_build_id,
     read_generation,
     read_manifest,
+    read_records_file,
+    records_file_bytes,
     remove_old_generations,
     rows_from_manifest,
     utc_now,
@@ -120,6 +123,7 @@ class FaissStore:
         self.device = device
         self._lock = _RWLock()
         self._pending: dict[str, Any] | None = None
+        self._pending_records: dict[str, dict[str, Any]] | None = None
         self._set_empty()
         self._stamp: tuple | None = None
         if self.metadata_path is not None and self.metadata_path.is_file():
@@ -139,11 +143,14 @@ class FaissStore:
         self._row: dict[str, int] = {}
         self._counts: Counter = Counter()
         self._manifest: dict[str, Any] | None = None
+        self._records: dict[str, dict[str, Any]] = {}
+        self._by_product: dict[str, list[int]] | None = None
 
     def _set_rows(self, ids: list[str], fields: list[dict[str, Any]]) -> None:
         self._ids, self._fields = ids, fields
         self._row = {i: r for r, i in enumerate(ids)}
         self._counts = Counter(f["product_id"] for f in fields)
+        self._by_product = None  # rows of each product, made on the first filtered search
 
     def _stat(self) -> tuple | None:
         try:
@@ -157,7 +164,7 @@ class FaissStore:
         self._apply(*self._read())
 
     def _read(self) -> tuple:
-        """(stamp, manifest, index, ids, fields) of the committed generation, read without holding any lock."""
+        """(stamp, manifest, index, ids, fields, records) of the committed generation, read without any lock."""
         stamp = self._stat()
         try:
             manifest, data = read_generation(self.metadata_path, self.index_path)
@@ -174,12 +181,21 @@ class FaissStore:
             raise IndexFileError(
                 f"index file holds {index.ntotal} vectors but {self.metadata_path} lists {len(ids)} images; rebuild"
             )
-        return stamp, manifest, index, ids, fields
+        entry = (manifest.get("files") or {}).get("records")
+        old = ((self._manifest or {}).get("files") or {}).get("records")
+        if not entry:
+            records: dict[str, dict[str, Any]] = {}
+        elif old and old.get("sha256") == entry.get("sha256"):
+            records = self._records  # the same table (its file is content-addressed): not read again
+        else:
+            records = read_records_file(self.index_path, entry, self.metadata_path)
+        return stamp, manifest, index, ids, fields, records
 
-    def _apply(self, stamp, manifest, index, ids, fields) -> None:
+    def _apply(self, stamp, manifest, index, ids, fields, records) -> None:
         self._index, self._manifest, self._stamp = index, manifest, stamp
         self.metric, self.dim = manifest["metric"], index.dim
         self._set_rows(ids, fields)
+        self._records = records
 
     def _check_dim(self, vectors: np.ndarray) -> None:
         dim = self._index.dim if self._index is not None else self.dim
@@ -198,9 +214,17 @@ class FaissStore:
         self._pending = dict(manifest)
 
     def commit(self) -> None:
-        """Save the pending manifest without changing any vector."""
+        """Save the pending manifest and records without changing any vector."""
         with self._lock.write():
             self._save()
+
+    def records(self) -> Mapping[str, Mapping[str, Any]]:
+        """The product records of the committed generation (or the pending ones); the same dict until changed."""
+        return self._pending_records if self._pending_records is not None else self._records
+
+    def set_records(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Saved with the next write or :meth:`commit`, in ``index-r<sha>.records.json`` named by the manifest."""
+        self._pending_records = {str(p): dict(r) for p, r in records.items()}
 
     # --- writing --------------------------------------------------------------------------------------------
 
@@ -270,7 +294,7 @@ class FaissStore:
             raise
 
     def _rollback(self) -> None:
-        self._pending = None
+        self._pending = self._pending_records = None
         if self.metadata_path is not None and self.metadata_path.is_file():
             try:
                 self._load()
@@ -292,20 +316,30 @@ class FaissStore:
             metric=self.metric,
             normalized=index.normalized if index is not None else self.metric != METRIC_L2,
         )
+        records = self._pending_records if self._pending_records is not None else self._records
         manifest["images"] = columns(self._ids, self._fields)
         manifest["counts"] = dict(manifest.get("counts") or {}, images=len(self._ids), products=len(self._counts))
+        manifest["files"] = {k: v for k, v in (manifest.get("files") or {}).items() if k != "records"}
         if self.index_path is None or index is None:
             manifest["index"] = index_info(index, manifest.get("index"))
-            self._manifest, self._pending = manifest, None
+            self._manifest, self._pending, self._records, self._pending_records = manifest, None, records, None
             return
+        table = records_file_bytes(records) if records else None
         data = index.to_bytes()
         path = generation_path(self.index_path, manifest["build_id"])
         entry = {"file": path.name, "sha256": files.sha256_bytes(data), "bytes": len(data)}
         manifest["index"] = dict(index_info(index, None), **entry)
-        manifest["files"] = dict(manifest.get("files") or {}, index=entry)
+        manifest["files"] = dict(manifest["files"], index=entry)
+        if table is not None:
+            digest = files.sha256_bytes(table)
+            table_path = generation_path(self.index_path, f"r{digest[:16]}", ".records.json")
+            manifest["files"]["records"] = {"file": table_path.name, "sha256": digest, "bytes": len(table),
+                                            "products": len(records)}  # fmt: skip
         manifest["images_sha256"] = files.sha256_bytes(files.canonical_json(manifest["images"]))
         with files.folder_lock(self.metadata_path.parent):
             files.atomic_write_bytes(path, data)
+            if table is not None and not _holds(table_path, digest):
+                files.atomic_write_bytes(table_path, table)
             files.atomic_write_json(self.metadata_path, manifest)
             # The previous generation stays one more commit: a reader that read the old metadata a moment ago
             # (another process opening the index) still finds the file it names.
@@ -313,6 +347,7 @@ class FaissStore:
             keep = {self.index_path.with_name(e["file"]) for m in kept for e in (m.get("files") or {}).values()}
             remove_old_generations(self.index_path, keep)
         self._manifest, self._pending, self._stamp = manifest, None, self._stat()
+        self._records, self._pending_records = records, None
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -321,26 +356,37 @@ class FaissStore:
         vectors: np.ndarray,
         k: int,
         *,
-        where: str | None = None,
+        where: StoreFilter | str | None = None,
         group_by_product: bool = False,
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
-        if where is not None:
-            raise StoreError("the faiss store does not filter (where=...); use store: milvus for filtered search")
+        """See :meth:`VectorStore.search`; with a :class:`StoreFilter` the search runs over its products' images
+        only (:meth:`VectorIndex.search_subset`: exact on exact indexes and on subsets up to SUBSET_EXACT rows)."""
+        if isinstance(where, str):
+            raise StoreError(
+                "the faiss store filters with a StoreFilter (engine: search(..., where=...)), not a Milvus expression"
+            )
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         self._check_dim(vectors)
         with self._lock.read():
-            n = self.count()
+            subset = None if where is None else self._rows_of(where.product_ids)
+            n = self.count() if subset is None else len(subset)
             if n == 0 or k < 1:
                 return [[] for _ in range(len(vectors))]
+
+            def search(q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+                if subset is None:
+                    return self._index.search(q, depth)
+                return self._index.search_subset(q, depth, subset)
+
             if not group_by_product:
-                scores, rows = self._index.search(vectors, k)
+                scores, rows = search(vectors, k)
                 return [self._hits(s, r) for s, r in zip(scores, rows)]
             out = []
             for q in vectors:  # grouped: widen until k products have their group_size best images, or all seen
                 depth = min(n, max(4 * k * group_size, 64))
                 while True:
-                    scores, rows = self._index.search(q[None], depth)
+                    scores, rows = search(q[None], depth)
                     hits = self._hits(scores[0], rows[0])
                     groups: dict[str, list[StoreHit]] = {}
                     for h in hits:
@@ -353,6 +399,17 @@ class FaissStore:
                     depth = min(n, depth * 4)
                 out.append([h for g in list(groups.values())[:k] for h in g])
             return out
+
+    def _rows_of(self, products: frozenset[str] | set[str]) -> np.ndarray:
+        """The rows of these products' images, sorted (call under the read lock)."""
+        by_product = self._by_product
+        if by_product is None:
+            by_product = {}
+            for r, f in enumerate(self._fields):
+                by_product.setdefault(f["product_id"], []).append(r)
+            self._by_product = by_product
+        rows = [r for p in products for r in by_product.get(p, ())]
+        return np.array(sorted(rows), dtype=np.int64)
 
     def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[StoreHit]:
         l2 = self.metric == METRIC_L2
@@ -429,6 +486,14 @@ class FaissStore:
 
     def close(self) -> None:
         self._set_empty()
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether ``path`` already holds the bytes of this checksum (content-addressed files are written once)."""
+    try:
+        return files.sha256_bytes(path.read_bytes()) == digest
+    except OSError:
+        return False
 
 
 def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:

@@ -106,6 +106,36 @@ def columns(ids: list[str], fields: list[dict[str, Any]]) -> dict[str, list[Any]
     return out
 
 
+RECORDS_FORMAT = "lookalike-records"  # the same format as lookalike.record_files.save_records writes
+RECORDS_FORMAT_VERSION = 1
+
+
+def records_file_bytes(records: dict[str, dict[str, Any]]) -> bytes:
+    """The product records file of a generation: canonical JSON, records sorted by product id."""
+    table = [dict(records[p], product_id=p) for p in sorted(records)]
+    return files.canonical_json({"format": RECORDS_FORMAT, "version": RECORDS_FORMAT_VERSION, "records": table})
+
+
+def read_records_file(index_path: Path, entry: dict[str, Any], metadata_path: Path) -> dict[str, dict[str, Any]]:
+    """The records a manifest's ``files.records`` entry names, verified against its checksum."""
+    path = index_path.with_name(str(entry.get("file")))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise IndexFileError(
+            f"records file {path} named by {metadata_path} cannot be read ({exc.strerror or exc}); rebuild"
+        ) from None
+    if files.sha256_bytes(data) != entry.get("sha256"):
+        raise IndexFileError(f"records file {path} does not match the checksum in {metadata_path}; it is damaged")
+    try:
+        table = json.loads(data)
+        if table.get("format") != RECORDS_FORMAT or table.get("version") != RECORDS_FORMAT_VERSION:
+            raise ValueError(f"format {table.get('format')!r} version {table.get('version')!r}")
+        return {str(r["product_id"]): dict(r) for r in table["records"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IndexFileError(f"records file {path} is not a lookalike records table ({exc}); rebuild") from None
+
+
 def index_info(index: VectorIndex | None, previous: dict[str, Any] | None) -> dict[str, Any]:
     if index is None:
         return dict(previous or {})

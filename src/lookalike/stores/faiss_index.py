@@ -28,6 +28,7 @@ COMPRESSED_FROM = 1_000_000  # auto: from here on 1 byte a dimension is too much
 HNSW_EF_SEARCH = 128  # recall@10 >= 0.99 against exact search up to a few hundred thousand vectors (benchmarks/)
 IVF_NPROBE = 64  # at least; nlist / 32 for large indexes
 TRAIN_MAX = 200_000  # vectors used to train quantizers (a seeded sample beyond that)
+SUBSET_EXACT = 16_384  # filtered search on an approximate index: an exact pass over subsets up to this many rows
 
 
 def choose_index(n: int, dim: int, index_type: str = INDEX_AUTO, exact_below: int = DEFAULT_EXACT_BELOW) -> str:
@@ -202,16 +203,83 @@ class VectorIndex:
         if k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if self.device.startswith("cuda") and self.exact:
-            if self._mirror is None:
-                self._mirror = TorchFlat(self.vectors(), self.metric, self.device)
-            scores, rows = self._mirror.search(q, k)
+            scores, rows = self._gpu().search(q, k)
         else:
             scores, rows = self._index.search(q, k)
+        return self._scores(scores, self._index.metric_type != faiss_inner_product()), rows
+
+    def _gpu(self) -> TorchFlat:
+        if self._mirror is None:
+            self._mirror = TorchFlat(self.vectors(), self.metric, self.device)
+        return self._mirror
+
+    def _scores(self, raw: np.ndarray, squared_l2: bool) -> np.ndarray:
+        """What :meth:`search` reports from raw FAISS values (``squared_l2``: they are squared distances)."""
         if self.metric == METRIC_L2:
-            scores = np.sqrt(np.maximum(scores, 0.0))  # FAISS reports squared distances
-        elif self._index.metric_type != faiss_inner_product():
-            scores = 1.0 - scores / 2.0  # an L2 index over unit vectors: squared distance -> cosine
-        return scores, rows
+            return np.sqrt(np.maximum(raw, 0.0))  # FAISS reports squared distances
+        if squared_l2:
+            return 1.0 - raw / 2.0  # an L2 index over unit vectors: squared distance -> cosine
+        return raw
+
+    def search_subset(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over the given rows only (a filter's images): (scores, rows), k' = min(k, len(rows)).
+
+        Exact over the stored vectors when the index is exact (FAISS' id selector: no copy) or the subset holds
+        at most :data:`SUBSET_EXACT` rows (their vectors are decoded and compared one by one). A larger subset
+        of an approximate index is searched through the index with a widening window, keeping only its rows
+        until ``k`` are found (as approximate as an unfiltered search of that index, never fewer than ``k``).
+        """
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        k = min(int(k), len(rows))
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if len(rows) == self.ntotal:
+            return self.search(queries, k)
+        if self.exact:
+            return self._exact_subset(self.prepare(queries), k, rows)
+        if len(rows) <= SUBSET_EXACT:
+            return self._brute_force(self.prepare(queries), k, rows)
+        return self._widening_subset(queries, k, rows)
+
+    def _exact_subset(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self.device.startswith("cuda"):
+            scores, found = self._gpu().search(q, k, rows)
+            return self._scores(scores, False), found
+        selector = faiss.IDSelectorBatch(rows)
+        scores, found = self._index.search(q, k, params=faiss.SearchParameters(sel=selector))
+        return self._scores(scores, self._index.metric_type != faiss_inner_product()), found
+
+    def _brute_force(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An exact pass over the rows' stored (decoded) vectors, in the space :meth:`prepare` maps to."""
+        self._ensure_direct_map()
+        x = np.asarray(self._index.reconstruct_batch(rows), dtype=np.float32)
+        sims = q @ x.T
+        if self.metric == METRIC_L2:
+            values = (q * q).sum(1, keepdims=True) + (x * x).sum(1)[None, :] - 2 * sims
+            order = np.argsort(values, axis=1, kind="stable")[:, :k]
+            return np.sqrt(np.maximum(np.take_along_axis(values, order, 1), 0.0)), rows[order]
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, order, 1), rows[order]
+
+    def _widening_subset(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        member = np.zeros(self.ntotal, dtype=bool)
+        member[rows] = True
+        depth = min(self.ntotal, max(4 * k, int(2 * k * self.ntotal / len(rows))))
+        while True:
+            scores, found = self.search(queries, depth)
+            keep = (found >= 0) & member[np.maximum(found, 0)]
+            if depth >= self.ntotal or keep.sum(axis=1).min() >= k:
+                break
+            depth = min(self.ntotal, depth * 4)
+        out_s = np.full((len(queries), k), np.nan, np.float32)
+        out_r = np.full((len(queries), k), -1, np.int64)
+        for i in range(len(queries)):
+            s, r = scores[i][keep[i]][:k], found[i][keep[i]][:k]
+            out_s[i, : len(s)], out_r[i, : len(r)] = s, r
+        return out_s, out_r
 
     def reconstruct(self, rows: list[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of these rows, (len(rows), dim) (decoded: approximate for compressed indexes)."""
@@ -385,16 +453,24 @@ class TorchFlat:
         self.x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
         self.sq = (self.x * self.x).sum(dim=1) if metric == METRIC_L2 else None
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows) as FAISS gives them: inner products for cosine, squared distances for l2."""
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) as FAISS gives them: inner products for cosine, squared distances for l2; over the given
+        ``rows`` only when there are some."""
         import torch
 
         with torch.inference_mode():
             q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-            sims = q @ self.x.T
+            x, sq, chosen = self.x, self.sq, None
+            if rows is not None:
+                chosen = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+                x = x.index_select(0, chosen)
+                sq = sq.index_select(0, chosen) if sq is not None else None
+            sims = q @ x.T
             if self.metric == METRIC_L2:
-                dist = ((q * q).sum(dim=1, keepdim=True) + self.sq[None, :] - 2 * sims).clamp_(min=0)
-                scores, rows = dist.topk(k, dim=1, largest=False)
+                dist = ((q * q).sum(dim=1, keepdim=True) + sq[None, :] - 2 * sims).clamp_(min=0)
+                scores, found = dist.topk(k, dim=1, largest=False)
             else:
-                scores, rows = sims.topk(k, dim=1)
-            return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
+                scores, found = sims.topk(k, dim=1)
+            if chosen is not None:
+                found = chosen[found]
+            return scores.cpu().numpy(), found.cpu().numpy().astype(np.int64)

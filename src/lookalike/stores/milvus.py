@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import REQUIRED_FIELDS, StoreError, StoreHit, StoreInfo, StoreMismatchError
+from .base import REQUIRED_FIELDS, StoreError, StoreFilter, StoreHit, StoreInfo, StoreMismatchError
 from .milvus_support import (
     BATCH,
     FIELDS,
@@ -47,12 +47,14 @@ from .milvus_support import (
     index_params,
     is_lite,
     join_manifest,
+    join_records,
     manifest_rows,
     milvus_index,
     native_grouping,
     order_groups,
     public_uri,
     quote,
+    records_rows,
     search_params,
     to_hit,
     unreachable_error,
@@ -104,6 +106,10 @@ class MilvusStore:
             raise self._unreachable(exc, token) from exc
         self.native_grouping = native_grouping(self.server_version) if grouping == "auto" else grouping == "native"
         self._generation: str | None = None
+        self._records: dict[str, dict[str, Any]] = {}  # the saved table, and the checksum it was read with
+        self._records_sha: str | None = None
+        self._pending_records: dict[str, dict[str, Any]] | None = None
+        self._has_record = True  # False for a collection made before records (no ``record`` field)
         if self._client.has_collection(collection):
             self._open(dim)
         elif dim is None:  # created by the first write, with that write's dimension
@@ -137,6 +143,7 @@ class MilvusStore:
     def _create(self, name: str, kind: str, count: int) -> None:
         create_vector_collection(self._client, name, self.dim, kind, self._milvus_metric, index_params(kind, count))
         self._kind, self._index_params, self._exists = kind, index_params(kind, count), True
+        self._has_record = True
         log.info(
             "created Milvus collection %r at %s (dim %d, %s, %s)", name, self.location, self.dim, kind, self.metric
         )
@@ -171,6 +178,7 @@ class MilvusStore:
         if have != self.metric:  # the collection is the truth (as the FAISS store); replace_all builds build_metric
             log.info("%s was built for metric %s (asked: %s): searching with it", self.collection, have, self.metric)
         self.metric, self._exists = have, True
+        self._has_record = "record" in names
         self._kind = str(index.get("index_type", "FLAT"))
         self._index_params = {k: index[k] for k in ("nlist", "M", "efConstruction") if k in index}
 
@@ -201,7 +209,82 @@ class MilvusStore:
         self._bump()
 
     def commit(self) -> None:
-        """Nothing to do: every write (manifest included) is saved when its call returns."""
+        """Save records given to :meth:`set_records` (every other write is saved when its call returns)."""
+        if self._pending_records is not None:
+            self._flush_records()
+            self._bump()
+
+    # --- product records ------------------------------------------------------------------------------------
+    def records(self) -> Mapping[str, Mapping[str, Any]]:
+        """The pending records, else the saved table (read again only when its checksum changed)."""
+        if self._pending_records is not None:
+            return self._pending_records
+        rows = self._meta_rows('key == "records:0"')
+        if not rows:
+            self._records, self._records_sha = {}, None
+            return self._records
+        try:
+            sha = json.loads(rows["records:0"]).get("sha256")
+            if sha != self._records_sha:
+                self._records = join_records(self._meta_rows('key like "records:%"'))
+                self._records_sha = sha
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(
+                f"the product records of {self.collection!r} at {self.location} are damaged ({exc}): "
+                "run `lookalike records` again"
+            ) from exc
+        return self._records
+
+    def set_records(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Saved with the next write or :meth:`commit`: each changed product's rows get the new ``record``
+        (upserted with their stored vectors, nothing extracted), then the table is written."""
+        self._pending_records = {str(p): dict(r) for p, r in records.items()}
+
+    def _table(self) -> Mapping[str, Mapping[str, Any]]:
+        return self._pending_records if self._pending_records is not None else self._records
+
+    def _flush_records(self, *, rewrite: bool = True) -> None:
+        """Write pending records: the rows of every product whose record changed, then the table rows."""
+        new = self._pending_records
+        if new is None:
+            return
+        saved = dict(self._saved_records())
+        changed = sorted(p for p in set(saved) | set(new) if saved.get(p) != new.get(p))
+        if rewrite and changed and self._exists:
+            self._rewrite_records(changed, new)
+        rows = records_rows(new)
+        old = [k for k in self._meta_rows('key like "records:%"') if int(k.split(":")[1]) >= len(rows)]
+        self._client.upsert(self.manifest_collection, rows[:-1])
+        self._client.upsert(self.manifest_collection, rows[-1:])  # the head last: it names the chunks
+        if old:
+            self._client.delete(self.manifest_collection, filter=in_list("key", old))
+        self._records, self._records_sha = new, json.loads(rows[-1]["data"])["sha256"]
+        self._pending_records = None
+
+    def _saved_records(self) -> Mapping[str, Mapping[str, Any]]:
+        pending, self._pending_records = self._pending_records, None
+        try:
+            return self.records()
+        finally:
+            self._pending_records = pending
+
+    def _rewrite_records(self, products: list[str], table: Mapping[str, Mapping[str, Any]]) -> None:
+        """Upsert these products' rows with their new ``record`` and their stored vectors (read back)."""
+        fields = ["id", "vector", *FIELDS]
+        for start in range(0, len(products), 256):
+            rows = self._scan(in_list("product_id", products[start : start + 256]), fields)
+            if rows and not self._has_record:
+                raise StoreError(
+                    f"Milvus collection {self.collection!r} at {self.location} was built before product records "
+                    "(it has no record field): rebuild it once (lookalike index --force)"
+                )
+            for part in range(0, len(rows), BATCH):
+                batch = [
+                    {**{f: r[f] for f in fields}, "vector": [float(v) for v in r["vector"]],
+                     "record": dict(table.get(r["product_id"]) or {})}
+                    for r in rows[part : part + BATCH]
+                ]  # fmt: skip
+                self._client.upsert(self.collection, batch)
 
     def _read_generation(self) -> str | None:
         return self._meta_rows('key == "generation"').get("generation")
@@ -228,9 +311,12 @@ class MilvusStore:
             vectors = vectors / np.maximum(norms, 1e-12)
         return vectors
 
-    def _batches(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> Iterator[list]:
+    def _batches(
+        self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]], *, record: bool
+    ) -> Iterator[list]:
         """Rows of ``BATCH`` images at a time, made lazily (a row holds its vector as a Python list, 30 bytes a
-        value); the whole input is checked first, so a bad row fails the call before anything is written."""
+        value); the whole input is checked first, so a bad row fails the call before anything is written.
+        ``record``: rows carry their product's record (from the records table) in the ``record`` field."""
         if not (len(ids) == len(vectors) == len(fields)):
             raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows do not match")
         if len(set(ids)) != len(ids):
@@ -240,22 +326,29 @@ class MilvusStore:
             if missing:
                 raise ValueError(f"image {image_id!r} lacks the field(s) {', '.join(missing)}")
         vectors = self._prepare(vectors)
+        table = self._table()
         for start in range(0, len(ids), BATCH):
-            yield [
+            rows = [
                 {"id": str(image_id), "vector": vector.tolist(), **{f: str(row[f]) for f in REQUIRED_FIELDS},
                  "extra": {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}}
                 for image_id, vector, row in zip(ids[start : start + BATCH], vectors[start : start + BATCH],
                                                  fields[start : start + BATCH], strict=True)
             ]  # fmt: skip
+            if record:
+                for row in rows:
+                    row["record"] = dict(table.get(row["product_id"]) or {})
+            yield rows
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
         if not self._exists:
             self.replace_all(ids, vectors, fields)  # the first write makes the collection
             return
-        for rows in self._batches(ids, vectors, fields):
+        for rows in self._batches(ids, vectors, fields, record=self._has_record):
             self._client.upsert(self.collection, rows)
         if len(ids):
             self._maybe_reindex()
+        self._flush_records()
+        if len(ids):
             self._bump()
 
     def delete(self, ids: Sequence[str] = (), *, product_id: str | None = None) -> int:
@@ -272,6 +365,7 @@ class MilvusStore:
                 self._client.delete(self.collection, filter=in_list("id", found[start : start + BATCH]))
         if product_id is not None:
             self._client.delete(self.collection, filter=f"product_id == {quote(product_id)}")
+        self._flush_records()
         self._bump()
         return len(targets)
 
@@ -281,7 +375,7 @@ class MilvusStore:
         before = self.dim, self.metric
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         self.dim, self.metric = int(vectors.shape[1]), self.build_metric  # a rebuild may change model and metric
-        batches = self._batches(ids, vectors, fields)
+        batches = self._batches(ids, vectors, fields, record=True)
         try:
             first = next(batches, [])  # checks the whole input before the staging collection is made
         except ValueError:
@@ -298,6 +392,7 @@ class MilvusStore:
             self._client.drop_collection(self.collection)
         self._client.rename_collection(staging, self.collection)
         self._client.load_collection(self.collection)
+        self._flush_records(rewrite=False)  # the new rows carry the records already
         self._bump()
 
     def _maybe_reindex(self) -> None:
@@ -320,6 +415,21 @@ class MilvusStore:
     def _hit(self, raw: Mapping[str, Any]) -> StoreHit:
         return to_hit(raw, self.metric)
 
+    def _expr(self, where: StoreFilter | str | None) -> str | None:
+        """The Milvus expression of ``where`` ("" for everything, None when no product passes)."""
+        if where is None or isinstance(where, str):
+            return where or ""
+        if not where.product_ids:
+            return None
+        if where.expr:
+            if not self._has_record and "record[" in where.expr:
+                raise StoreError(
+                    f"Milvus collection {self.collection!r} at {self.location} was built before product records "
+                    "(it has no record field), so it cannot filter on them: rebuild it once (lookalike index --force)"
+                )
+            return where.expr
+        return in_list("product_id", sorted(where.product_ids))
+
     def _raw_search(self, vectors: np.ndarray, limit: int, where: str | None, **group: Any) -> list[list[dict]]:
         return self._client.search(
             self.collection,
@@ -337,13 +447,15 @@ class MilvusStore:
         vectors: np.ndarray,
         k: int,
         *,
-        where: str | None = None,
+        where: StoreFilter | str | None = None,
         group_by_product: bool = False,
         group_size: int = 1,
     ) -> list[list[StoreHit]]:
         queries = self._prepare(np.atleast_2d(vectors))
-        if k <= 0 or len(queries) == 0 or not self._exists:
+        expr = self._expr(where)
+        if k <= 0 or len(queries) == 0 or not self._exists or expr is None:
             return [[] for _ in queries]
+        where = expr
         if not group_by_product:
             raws = self._raw_search(queries, min(k, MAX_TOPK), where)
             return [[self._hit(r) for r in row] for row in raws]

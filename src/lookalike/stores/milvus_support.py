@@ -148,6 +148,7 @@ def create_vector_collection(client, name: str, dim: int, kind: str, metric: str
     schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH)
     schema.add_field("format", DataType.VARCHAR, max_length=64)
     schema.add_field("extra", DataType.JSON)
+    schema.add_field("record", DataType.JSON)  # the product's record ({} without one), for filters
     index = client.prepare_index_params()
     index.add_index("vector", index_type=kind, metric_type=metric, params=dict(params))
     client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
@@ -177,6 +178,32 @@ def manifest_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = [{"key": f"manifest:{i}", "data": c, "vector": [0.0, 0.0]} for i, c in enumerate(chunks, 1)]
     rows.append({"key": "manifest:0", "data": json.dumps({"chunks": len(chunks)}), "vector": [0.0, 0.0]})
     return rows
+
+
+def records_rows(records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The product records table as rows of the manifest collection: ``records:1..n`` hold canonical JSON in
+    chunks, ``records:0`` (written last) the number of chunks and the table's checksum."""
+    import hashlib
+
+    table = [dict(records[p], product_id=p) for p in sorted(records)]
+    text = json.dumps(table, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    chunks = [text[i : i + CHUNK // 4] for i in range(0, len(text), CHUNK // 4)] or [""]
+    rows = [{"key": f"records:{i}", "data": c, "vector": [0.0, 0.0]} for i, c in enumerate(chunks, 1)]
+    head = json.dumps({"chunks": len(chunks), "sha256": digest})
+    rows.append({"key": "records:0", "data": head, "vector": [0.0, 0.0]})
+    return rows
+
+
+def join_records(rows: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The records table from the ``records:*`` rows :func:`records_rows` wrote (ValueError when damaged)."""
+    import hashlib
+
+    head = json.loads(rows["records:0"])
+    text = "".join(rows.get(f"records:{i}", "") for i in range(1, int(head["chunks"]) + 1))
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != head.get("sha256"):
+        raise ValueError("the records rows do not match their checksum")
+    return {str(r["product_id"]): dict(r) for r in json.loads(text)}
 
 
 def join_manifest(rows: Mapping[str, str]) -> str:
