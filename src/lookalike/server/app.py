@@ -157,16 +157,16 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """The catalog products (or images) that look most like the uploaded photo (or a region of it), best first."""
         start = time.perf_counter()
         require_ready()
-        flt, region = products.check_where(engine, where), products.check_box(box)  # before the upload is read
+        where, region = products.clauses(where), products.check_box(box)  # the box's form before the upload is read
         options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
-        run = functools.partial(engine.search, top_k=top_k, where=flt, box=region, **options)
+        run = functools.partial(engine.search, top_k=top_k, where=where or None, box=region, **options)
         hits, waited, ran = await products.gated_search(state, request, run)  # 503 before a byte is read
         state.metrics.observe_search(waited, ran)
         return {
             "results": [hit(request, h) for h in hits],
             "top_k": top_k,
             **options,
-            "where": products.echo(flt),
+            "where": where,
             "box": list(region) if region is not None else None,
             "timings": products.timings(start, waited, ran),
             "build_id": build_id(),
@@ -188,9 +188,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """More like this: the other products that look most like a product of the catalog."""
         require_ready()
         product_id = _product_id(product_id)
-        flt = products.check_where(engine, where)
+        where = products.clauses(where)
         try:
-            hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity, where=flt)
+            hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity, where=where or None)
         except UnknownProductError:
             raise HTTPException(404, f"unknown product {product_id!r}") from None
         except FilterError as exc:
@@ -200,7 +200,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             "results": [hit(request, h) for h in hits],
             "top_k": top_k,
             "min_similarity": min_similarity,
-            "where": products.echo(flt),
+            "where": where,
             "build_id": build_id(),
         }
 

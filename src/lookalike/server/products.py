@@ -15,8 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..filters import Filter, FilterError, field_kinds, parse_where
+from ..filters import FilterError
 from ..imaging import ImageError, parse_box
+from ..products import BoxError
 from . import schemas
 from .facets import catalog_facets
 from .failures import trim_memory, write_error_names, write_failed
@@ -60,17 +61,6 @@ router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def check_where(engine, where: list[str] | None) -> Filter | None:
-    """The parsed filter against the loaded records' fields, or 422 with the parser's one line (it names the
-    known fields). The engine checks it again when it searches (records may change in between)."""
-    if not where:
-        return None
-    try:
-        return parse_where(where, field_kinds(engine.records))
-    except FilterError as exc:
-        raise HTTPException(422, str(exc)) from None
-
-
 def check_box(box: str | None) -> tuple[float, float, float, float] | None:
     if box is None or not box.strip():
         return None
@@ -80,9 +70,10 @@ def check_box(box: str | None) -> tuple[float, float, float, float] | None:
         raise HTTPException(422, f"box: {exc.reason}") from None
 
 
-def echo(flt: Filter | None) -> list[str]:
-    """The filter as the server understood it, in the query grammar."""
-    return flt.to_strings() if flt is not None else []
+def clauses(where: list[str] | None) -> list[str]:
+    """The where= clauses given (blank ones mean nothing); the engine parses them against the loaded records'
+    fields, before any photo is decoded, and a bad one answers 422 naming the known fields."""
+    return [w for w in where or [] if w.strip()]
 
 
 async def gated_search(state: ServerState, request: Request, fn: Callable[..., Any]) -> tuple[Any, float, float]:
@@ -94,9 +85,11 @@ async def gated_search(state: ServerState, request: Request, fn: Callable[..., A
     try:
         (photo,) = await read_images(request, state.settings.max_upload_bytes)
         return await state.gate.run(fn, photo, place=place)
-    except ImageError as exc:  # includes a box that lies outside the photo
+    except BoxError as exc:  # a box outside the photo (its form was checked before the upload was read)
+        raise HTTPException(422, f"box: {exc.reason}") from None
+    except ImageError as exc:
         raise HTTPException(image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}") from None
-    except FilterError as exc:  # the records changed between the check and the search
+    except FilterError as exc:  # unknown field or bad value: one line naming the known fields
         raise HTTPException(422, str(exc)) from None
     except write_error_names() as exc:  # spooling the upload to disk failed
         raise write_failed(exc, "receive the photo") from None
@@ -136,9 +129,9 @@ async def search_regions(
     start = time.perf_counter()
     require_ready(state)
     engine = state.engine
-    flt = check_where(engine, where)
+    where = clauses(where)
     run = functools.partial(
-        engine.search_regions, top_k=top_k, max_regions=max_regions, min_similarity=min_similarity, where=flt
+        engine.search_regions, top_k=top_k, max_regions=max_regions, min_similarity=min_similarity, where=where or None
     )
     regions, waited, ran = await gated_search(state, request, run)
     state.metrics.observe_search(waited, ran)
@@ -154,7 +147,7 @@ async def search_regions(
         "top_k": top_k,
         "max_regions": max_regions,
         "min_similarity": min_similarity,
-        "where": echo(flt),
+        "where": where,
         "timings": timings(start, waited, ran),
         "build_id": engine.build_id,
     }
@@ -169,4 +162,4 @@ def facets(state: State):
     return catalog_facets(engine.records, engine.images_per_product())
 
 
-__all__ = ["Box", "MinSimilarity", "OnlyMatches", "Where", "check_box", "check_where", "echo", "gated_search", "router"]
+__all__ = ["Box", "MinSimilarity", "OnlyMatches", "Where", "check_box", "clauses", "gated_search", "router"]
