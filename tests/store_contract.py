@@ -23,7 +23,8 @@ import re
 import numpy as np
 import pytest
 
-from lookalike.stores.base import StoreHit, StoreInfo, VectorStore
+from lookalike.filters import parse_where
+from lookalike.stores.base import StoreFilter, StoreHit, StoreInfo, VectorStore
 
 DIM = 16
 ODD_PRODUCTS = ['a"b', "a\\b", 'a\\"b', "it's", "é-中-😀", "x' or 1==1 or '", "space inside", "end\\"]
@@ -131,6 +132,55 @@ class StoreContract:
         # product by product: each product's images are contiguous
         runs = [h.product_id for i, h in enumerate(hits) if i == 0 or hits[i - 1].product_id != h.product_id]
         assert runs == products
+
+    # --- filters and records -------------------------------------------------------------------------------
+    @pytest.mark.parametrize("group", [False, True])
+    def test_filtered_search_exact_and_fills_k(self, filled, group):
+        store, ids, vectors, fields = filled
+        records = {f"p{i:03d}": {"product_id": f"p{i:03d}", "price": i, "tags": ["odd"] if i % 2 else []}
+                   for i in range(30)}  # fmt: skip
+        store.set_records(records)
+        store.commit()
+        query = vectors[:1] + 0.01  # next to p000's images: the filter's products are elsewhere
+        flt = parse_where(["price>=21", "tags~odd"])  # p021 p023 ... p029: five products, 8 images each
+        passing = frozenset(p for p in records if flt.matches(records[p], p))
+        images = sum(1 for f in fields if f["product_id"] in passing)
+        where = StoreFilter(passing, flt.to_milvus_expr(), images)
+        rows = [i for i, f in enumerate(fields) if f["product_id"] in passing]
+        truth = brute_force(vectors[rows], query, "cosine")[0]
+        if not group:
+            hits = store.search(query, 12, where=where)[0]
+            assert len(hits) == 12 and all(h.product_id in passing for h in hits)
+            np.testing.assert_allclose([h.score for h in hits], np.sort(truth)[::-1][:12], atol=1e-4)
+            assert len(store.search(query, 500, where=where)[0]) == images  # everything that passes, no more
+        else:
+            hits = store.search(query, 10, where=where, group_by_product=True, group_size=2)[0]
+            assert {h.product_id for h in hits} == passing, [h.product_id for h in hits]  # all five, of 10 asked
+        assert store.search(query, 5, where=StoreFilter(frozenset(), "", 0)) == [[]]
+
+    def test_records_saved_with_the_index(self, filled, open_store):
+        store, ids, vectors, fields = filled
+        assert dict(store.records()) == {}
+        table = {"p001": {"product_id": "p001", "name": "One", "price": 1.5}, "ghost": {"product_id": "ghost"}}
+        store.set_records(table)
+        store.commit()
+        before = store.fetch(ids[:10], with_vectors=True)
+        again = open_store()  # another instance on the same location
+        assert {p: dict(r) for p, r in again.records().items()} == table
+        store.set_records({"p001": {"product_id": "p001", "name": "Uno", "category": "x"}})
+        store.commit()
+        again.refresh()
+        assert again.records()["p001"]["name"] == "Uno" and "ghost" not in again.records()
+        after = again.fetch(ids[:10], with_vectors=True)
+        for image_id in before:
+            np.testing.assert_allclose(before[image_id]["vector"], after[image_id]["vector"], atol=1e-6)
+        flt = parse_where({"category": "x"})
+        hits = again.search(vectors[:1], 3, where=StoreFilter(frozenset({"p001"}), flt.to_milvus_expr(), 8))[0]
+        assert {h.product_id for h in hits} == {"p001"}
+        third = open_store()  # a fresh instance adds an image: the row gets its product's saved record
+        third.upsert(["new1"], vectors[:1], [{"product_id": "p001", "path": "p001/new.jpg", "format": "JPEG"}])
+        hits = third.search(vectors[:1], 20, where=StoreFilter(frozenset({"p001"}), flt.to_milvus_expr(), 9))[0]
+        assert "new1" in {h.image_id for h in hits} and len(hits) == 9
 
     def test_empty_store_and_k_larger_than_count(self, open_store):
         store = open_store()

@@ -68,3 +68,34 @@ def test_regions_and_export_commands(flags, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "npy"), "--format", "npy", *flags]) == 0
     assert (tmp_path / "npy" / "vectors.npy").is_file()
+
+
+def test_search_with_where_and_box_shows_name_and_price(flags, catalog, tmp_path, capsys):
+    (catalog / "products.csv").write_text(
+        "product_id,name,price,category\nred-disc,Red disc,2.5,dairy\ngreen-bar,Green bar,12,bakery\n"
+        "yellow-disc,Yellow disc,30,dairy\n"
+    )
+    assert main(["index", *flags]) == 0
+    canvas = Image.new("RGB", (300, 200), (128, 128, 128))
+    canvas.paste(product_image(1, 50, size=120), (160, 40))  # green-bar on the right
+    canvas.save(tmp_path / "shelf.png")
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "shelf.png"), *flags, "--box", "160,40,280,160", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:5] == ["rank", "product", "name", "price", "similarity"]
+    assert "green-bar  Green bar  12.00" in out.replace("   ", "  ")
+    args = ["search", str(tmp_path / "shelf.png"), *flags, "--where", "category=dairy", "--where", "price<=20"]
+    assert main([*args, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["product_id"] for r in rows] == ["red-disc"] and rows[0]["record"]["price"] == 2.5
+    assert main([*args, "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("query,rank,product_id,name,price,similarity") and ",Red disc,2.5," in lines[1]
+
+    assert main(["search", str(tmp_path / "shelf.png"), *flags, "--where", "colour=red"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown field 'colour'; known fields: product_id, name" in err[0]
+    for box in ("1,2,3", "500,500,600,600", "10,10,5,5"):
+        assert main(["search", str(tmp_path / "shelf.png"), *flags, "--box", box]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "box" in err[0]

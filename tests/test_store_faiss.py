@@ -203,3 +203,68 @@ def test_a_reader_of_the_previous_metadata_still_finds_its_generation(tmp_path):
     assert (tmp_path / before).is_file()
     store.delete(ids[1:2])
     assert not (tmp_path / before).is_file()  # two commits later it is gone
+
+
+# --- filtered search and product records ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16,SQ8", "HR16,HNSW16", "IVF4,Flat"])
+def test_subset_search_is_exact_on_every_index_type(metric, factory):
+    from lookalike.stores.faiss_index import VectorIndex
+
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(600, DIM)).astype(np.float32)
+    index = VectorIndex.build(vectors, metric, index_type=factory)
+    subset = np.sort(rng.choice(600, 37, replace=False))
+    queries = rng.normal(size=(3, DIM)).astype(np.float32)
+    scores, found = index.search_subset(queries, 10, subset)
+    assert found.shape == (3, 10) and np.isin(found, subset).all()
+    stored = index.reconstruct(subset)  # what the index holds (decoded): the exact pass compares with these
+    q = l2_normalize(queries) if metric == "cosine" else queries
+    if metric == "cosine":
+        truth = np.sort(q @ stored.T, axis=1)[:, ::-1][:, :10]
+    else:
+        truth = np.sort(np.linalg.norm(q[:, None] - stored[None], axis=-1), axis=1)[:, :10]
+    np.testing.assert_allclose(scores, truth, atol=2e-3 if "SQ8" in factory else 1e-4)
+
+
+def test_a_large_subset_of_an_approximate_index_still_fills_k(monkeypatch):
+    from lookalike.stores import faiss_index
+    from lookalike.stores.faiss_index import VectorIndex
+
+    monkeypatch.setattr(faiss_index, "SUBSET_EXACT", 10)  # force the path that searches through the HNSW graph
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(size=(800, DIM)).astype(np.float32)
+    index = VectorIndex.build(vectors, "cosine", index_type="HNSW16")
+    subset = np.arange(0, 800, 40)  # 20 rows, 1 in 40: far from most queries
+    scores, found = index.search_subset(rng.normal(size=(4, DIM)).astype(np.float32), 15, subset)
+    assert found.shape == (4, 15) and np.isin(found, subset).all()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+def test_records_live_in_a_content_addressed_file_named_by_the_manifest(tmp_path):
+    store, ids, vectors, fields = filled(tmp_path)
+    store.set_records({"p1": {"product_id": "p1", "name": "One"}})
+    store.commit()
+    entry = store.manifest()["files"]["records"]
+    first = tmp_path / entry["file"]
+    assert first.is_file() and entry["products"] == 1 and entry["file"].endswith(".records.json")
+    store.set_records({"p1": {"product_id": "p1", "name": "Uno"}})
+    store.upsert(ids[:1], vectors[:1], fields[:1])  # saved with the next write too
+    assert new_store(tmp_path).records()["p1"]["name"] == "Uno"
+    store.delete(ids[:1])  # a third generation: the first table's file is no longer named by the last two
+    assert not first.exists()
+    named = tmp_path / store.manifest()["files"]["records"]["file"]
+    named.write_bytes(named.read_bytes().replace(b"Uno", b"Dos"))
+    with pytest.raises(IndexFileError, match="records file .* does not match the checksum"):
+        new_store(tmp_path)
+    named.unlink()
+    with pytest.raises(IndexFileError, match="records file .* cannot be read"):
+        new_store(tmp_path)
+
+
+def test_a_raw_expression_is_refused_by_faiss(tmp_path):
+    store, ids, vectors, fields = filled(tmp_path)
+    with pytest.raises(StoreError, match="StoreFilter"):
+        store.search(vectors[:1], 3, where='product_id == "p1"')

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", dest="by_image", action="store_true", help="one row per image, not per product")
     p.add_argument("--min-similarity", type=float, default=None, help="drop results under this similarity")
     p.add_argument("--only-matches", action="store_true", help="drop results under the calibrated no-match threshold")
+    p.add_argument("--where", action="append", metavar="CLAUSE", help="only products whose record passes, e.g. "
+                   "'category=dairy', 'price<=20', 'tags~organic' (repeat: all must hold)")  # fmt: skip
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="search only this part of each photo (pixels)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per result line (JSON lines)")
     out.add_argument("--csv", action="store_true", help="CSV with a header line")
@@ -206,23 +209,35 @@ def _tuning_line(tuning: dict) -> str:
 
 
 def cmd_search(args, settings: Settings) -> int:
+    from .filters import FilterError
+    from .products import BoxError
+
     queries = _query_files(args.images)
-    results = _engine(settings).search_batch(
-        [str(q) for q in queries],
-        top_k=args.top_k,
-        by_product=not args.by_image,
-        min_similarity=args.min_similarity,
-        only_matches=args.only_matches,
-    )
+    try:
+        results = _engine(settings).search_batch(
+            [str(q) for q in queries],
+            top_k=args.top_k,
+            by_product=not args.by_image,
+            min_similarity=args.min_similarity,
+            only_matches=args.only_matches,
+            where=args.where,
+            boxes=None if args.box is None else [args.box] * len(queries),
+        )
+    except (FilterError, BoxError) as exc:  # a usage error: one line, exit 2 (as argparse does)
+        print(f"lookalike: error: {exc}", file=sys.stderr)
+        return 2
     rows = [{"query": str(q), **hit} for q, hits in zip(queries, results) for hit in hits]
+    shown = [k for k in ("name", "price") if any(k in (r.get("record") or {}) for r in rows)]
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    columns = ["query", "rank", "product_id", "similarity"]
+    columns = ["query", "rank", "product_id", *shown, "similarity"]
     if any("match" in r for r in rows):
         columns.append("match")
     columns += ["image_id", "image_path"]
+    for r in rows:
+        r.update({k: (r.get("record") or {}).get(k) for k in shown})
     if args.csv:
         import csv
 
@@ -233,17 +248,18 @@ def cmd_search(args, settings: Settings) -> int:
     if not rows:
         print("no match")
         return 0
-    header = ["rank", "product", "similarity", "image"]
+    header = ["rank", "product", *shown, "similarity", "image"]
     table = []
     for r in rows:
-        row = [r["rank"], r["product_id"], f"{r['similarity']:.3f}", r["image_path"]]
+        extra = ["" if r[k] is None else (f"{r[k]:.2f}" if k == "price" else r[k]) for k in shown]
+        row = [r["rank"], r["product_id"], *extra, f"{r['similarity']:.3f}", r["image_path"]]
         if "match" in columns:
-            row.insert(3, "yes" if r.get("match") else "no")
+            row.insert(3 + len(shown), "yes" if r.get("match") else "no")
         if len(queries) > 1:
             row.insert(0, r["query"])
         table.append(row)
     if "match" in columns:
-        header.insert(3, "match")
+        header.insert(3 + len(shown), "match")
     if len(queries) > 1:
         header.insert(0, "query")
     print(_table(table, header))

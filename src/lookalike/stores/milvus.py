@@ -241,7 +241,7 @@ class MilvusStore:
         self._pending_records = {str(p): dict(r) for p, r in records.items()}
 
     def _table(self) -> Mapping[str, Mapping[str, Any]]:
-        return self._pending_records if self._pending_records is not None else self._records
+        return self.records()  # the pending table, else the saved one (read from the server when it changed)
 
     def _flush_records(self, *, rewrite: bool = True) -> None:
         """Write pending records: the rows of every product whose record changed, then the table rows."""
