@@ -67,7 +67,7 @@ def check_box(box: str | None) -> tuple[float, float, float, float] | None:
     try:
         return parse_box(box, source="box")
     except ImageError as exc:
-        raise HTTPException(422, f"box: {exc.reason}") from None
+        raise HTTPException(422, exc.reason) from None
 
 
 def clauses(where: list[str] | None) -> list[str]:
@@ -86,7 +86,7 @@ async def gated_search(state: ServerState, request: Request, fn: Callable[..., A
         (photo,) = await read_images(request, state.settings.max_upload_bytes)
         return await state.gate.run(fn, photo, place=place)
     except BoxError as exc:  # a box outside the photo (its form was checked before the upload was read)
-        raise HTTPException(422, f"box: {exc.reason}") from None
+        raise HTTPException(422, exc.reason) from None
     except ImageError as exc:
         raise HTTPException(image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}") from None
     except FilterError as exc:  # unknown field or bad value: one line naming the known fields
