@@ -294,7 +294,7 @@ const filtered = () => (whereClauses().length ? " (filtered)" : "");
 function ask() {
   const q = current.query;
   if (!q) return;
-  if (q.kind === "similar") moreLike(q.productId, null);
+  if (q.kind === "similar") moreLike(q.productId, q.name, null);
   else if ($("regions-mode").checked && current.file) searchRegions(current.file);
   else if (current.file) searchPhoto(current.file);
 }
@@ -340,14 +340,16 @@ function searchRegions(file) {
   });
 }
 
-function moreLike(productId, thumbnailUrl) {
-  current.query = { kind: "similar", productId };
-  if (thumbnailUrl) setPreview(thumbnailUrl, productId, false);
+// "More like this" answers with other products by design, so the "no match" flags say nothing here: not shown.
+function moreLike(productId, name, thumbnailUrl) {
+  current.query = { kind: "similar", productId, name };
+  if (thumbnailUrl) setPreview(thumbnailUrl, name, false);
   const extra = { top_k: $("top-k").value };
-  setStatus(`Looking for products like ${productId}…`);
+  setStatus(`Looking for products like ${name}…`);
   call(`products/${encodeURIComponent(productId)}/similar?${params(extra)}`, {}, (data) => {
-    render(data.results, `More like ${productId}${filtered()}`, `similar:${productId}`);
-    setStatus(`${data.results.length} product(s) like ${productId}`);
+    const results = data.results.map(({ match, ...rest }) => rest);
+    render(results, `More like ${name}${filtered()}`, `similar:${productId}`);
+    setStatus(`${results.length} product(s) like ${name}`);
   });
 }
 
@@ -425,7 +427,7 @@ function card(hit) {
   number.textContent = hit.similarity.toFixed(3);
   score.append(meter, number);
   button.append(score);
-  button.addEventListener("click", () => moreLike(hit.product_id, hit.thumbnail_url));
+  button.addEventListener("click", () => moreLike(hit.product_id, title, hit.thumbnail_url));
   item.append(button);
 
   if (isWebLink(record.url)) {
