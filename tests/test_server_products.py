@@ -341,3 +341,25 @@ def test_facets_without_records(make_settings, catalog):
             client.post("/search", files=upload(photo("red-disc")), params={"where": "brand=X"}).json()["results"] == []
         )
         assert "known fields" in detail_422(client.post("/search", files=upload(b"x"), params={"where": "colour=red"}))
+
+
+def test_regions_go_through_the_search_gate_before_the_upload_is_read(served):
+    client, _ = served
+    gate = client.app.state.lookalike.gate
+    consumed = []
+
+    def body():
+        consumed.append(True)
+        yield photo("red-disc")
+
+    places = [gate.reserve() for _ in range(gate.capacity)]  # every slot and queue place taken
+    try:
+        r = client.post("/search/regions", content=body(), headers=JPEG)
+    finally:
+        for place in places:
+            place.release()
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    assert consumed == []
+    assert client.post("/search/regions", content=photo("red-disc"), headers=JPEG).status_code == 200
+    text = client.get("/metrics").text
+    assert 'route="/search/regions",status="503"' in text and 'route="/search/regions",status="200"' in text

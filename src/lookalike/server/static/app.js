@@ -501,6 +501,18 @@ function renderRegions(regions, suffix) {
   $("results-section").hidden = false;
 }
 
+// "Only matches" needs a calibrated "no match" threshold; without one the index flags nothing: no such option.
+async function showMatchOption() {
+  try {
+    const response = await fetch("stats");
+    if (!response.ok) return;
+    const stats = await response.json();
+    $("only-matches-label").hidden = typeof stats.no_match_threshold !== "number";
+  } catch (_) {
+    // keep the option: the server says when it cannot use it
+  }
+}
+
 // --- start ---------------------------------------------------------------------------------------------------
 
 async function showIndex() {
@@ -510,6 +522,7 @@ async function showIndex() {
     if (response.ok) {
       $("index-info").textContent = `${body.images} catalog photos indexed`;
       showFilters();
+      showMatchOption();
     } else {
       $("index-info").textContent = body.status === "failed" ? "the index failed to load" : "loading the index…";
       if (body.status !== "failed") setTimeout(showIndex, 2000);
