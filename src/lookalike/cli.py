@@ -188,6 +188,8 @@ def cmd_index(args, settings: Settings) -> int:
         f"({report.extracted} extracted, {report.reused} from cache) in {report.seconds:.1f}s"
     )
     print(_tuning_line(report.tuning))
+    if report.records.get("source") or report.records.get("error"):
+        print("\n".join(cli_products.records_lines(report.records, settings.data_dir)))
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 
 from .settings import Settings
@@ -20,6 +21,7 @@ def add_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("--top-k", type=int, default=3, help="hits per region")
     p.add_argument("--max-regions", type=int, default=10, help="most regions reported (default: 10)")
     p.add_argument("--min-similarity", type=float, default=None, help="weakest region kept")
+    p.add_argument("--where", action="append", metavar="CLAUSE", help="only these products, e.g. 'category=dairy'")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("export", "write image ids, product ids, paths, vectors and records")
@@ -49,34 +51,38 @@ def cmd_records(args, settings: Settings) -> int:
     if args.json:
         print(json.dumps(d, indent=2, ensure_ascii=False))
         return 0
+    for line in records_lines(d, settings.data_dir):
+        print(line)
+    return 1 if d.get("error") else 0
+
+
+def records_lines(d: dict, data_dir) -> list[str]:
+    """A records report (``RecordsReport.to_dict()``) as the lines ``records`` and ``index`` print."""
     if d.get("error"):
-        print(f"records not updated: {d['error']}")
-        return 1
+        return [f"records not updated: {d['error']}"]
     if d["source"] is None:
-        print(f"no products.csv or products.jsonl in {settings.data_dir}: results carry no records")
-        return 0
-    print(
+        return [f"no products.csv or products.jsonl in {data_dir}: results carry no records"]
+    lines = [
         f"{d['loaded']} record(s) from {d['source']}; {d['skipped_lines']} line(s) skipped; "
         f"{len(d['records_without_folder'])} without a product folder; "
         f"{len(d['products_without_record'])} product folder(s) without a record"
-    )
-    for issue in d["issues"]:
-        print(f"  {issue}")
-    for pid in d["records_without_folder"]:
-        print(f"  record without a folder: {pid}")
-    return 0
+    ]
+    lines += [f"  {issue}" for issue in d["issues"]]
+    lines += [f"  record without a folder: {pid}" for pid in d["records_without_folder"]]
+    return lines
 
 
 def cmd_regions(args, settings: Settings) -> int:
-    from .regions import search_regions
+    from .filters import FilterError
 
-    regions = search_regions(
-        _engine(settings),
-        args.image,
-        top_k=args.top_k,
-        max_regions=args.max_regions,
-        min_similarity=args.min_similarity,
-    )
+    try:
+        regions = _engine(settings).search_regions(
+            args.image, top_k=args.top_k, max_regions=args.max_regions, min_similarity=args.min_similarity,
+            where=args.where,
+        )  # fmt: skip
+    except FilterError as exc:
+        print(f"lookalike: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([r.to_dict() for r in regions], indent=2, ensure_ascii=False))
     elif not regions:

@@ -25,6 +25,7 @@ from .stores import StoreFilter, VectorStore
 logger = logging.getLogger(__name__)
 
 Where = Filter | Mapping[str, Any] | Sequence[str] | str | None
+FILTER_CACHE = 256  # filters remembered per loaded table (a page sends the same few again and again)
 
 
 class BoxError(ImageError):
@@ -38,6 +39,7 @@ class ProductTable:
     source: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # the store's table it was parsed from
     records: Mapping[str, ProductRecord] = field(default_factory=dict)
     kinds: Mapping[str, frozenset[str]] = field(default_factory=lambda: field_kinds({}))
+    filters: dict[Filter, tuple[Mapping[str, int], StoreFilter]] = field(default_factory=dict, compare=False)
 
     def fields(self) -> dict[str, list[str]]:
         """The fields at least one record has a value for, with the kinds of value they hold (``text``,
@@ -71,8 +73,15 @@ def store_filter(where: Where, table: ProductTable, counts: Mapping[str, int]) -
     flt = parse_where(where, table.kinds)
     if flt is None:
         return None
+    cached = table.filters.get(flt)
+    if cached is not None and cached[0] is counts:  # same records, same indexed products: same answer
+        return cached[1]
     passing = frozenset(flt.product_ids(table.records, counts))
-    return StoreFilter(passing, flt.to_milvus_expr(), sum(counts.get(p, 0) for p in passing))
+    out = StoreFilter(passing, flt.to_milvus_expr(), sum(counts.get(p, 0) for p in passing))
+    if len(table.filters) >= FILTER_CACHE:
+        table.filters.clear()
+    table.filters[flt] = (counts, out)
+    return out
 
 
 def check_where(where: Where, table: ProductTable) -> Filter | None:

@@ -145,12 +145,14 @@ class FaissStore:
         self._manifest: dict[str, Any] | None = None
         self._records: dict[str, dict[str, Any]] = {}
         self._by_product: dict[str, list[int]] | None = None
+        self._last_subset: tuple[frozenset[str], np.ndarray] | None = None
 
     def _set_rows(self, ids: list[str], fields: list[dict[str, Any]]) -> None:
         self._ids, self._fields = ids, fields
         self._row = {i: r for r, i in enumerate(ids)}
         self._counts = Counter(f["product_id"] for f in fields)
         self._by_product = None  # rows of each product, made on the first filtered search
+        self._last_subset: tuple[frozenset[str], np.ndarray] | None = None
 
     def _stat(self) -> tuple | None:
         try:
@@ -402,6 +404,9 @@ class FaissStore:
 
     def _rows_of(self, products: frozenset[str] | set[str]) -> np.ndarray:
         """The rows of these products' images, sorted (call under the read lock)."""
+        last = self._last_subset
+        if last is not None and last[0] is products:  # the engine hands the same filter back while it holds
+            return last[1]
         by_product = self._by_product
         if by_product is None:
             by_product = {}
@@ -409,7 +414,9 @@ class FaissStore:
                 by_product.setdefault(f["product_id"], []).append(r)
             self._by_product = by_product
         rows = [r for p in products for r in by_product.get(p, ())]
-        return np.array(sorted(rows), dtype=np.int64)
+        out = np.array(sorted(rows), dtype=np.int64)
+        self._last_subset = (products, out)
+        return out
 
     def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[StoreHit]:
         l2 = self.metric == METRIC_L2
