@@ -5,6 +5,7 @@ first, click it, get "more like this". Screenshots are saved in the test's tempo
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -43,6 +44,7 @@ RECORDS = {  # name, price (SEK), category, brand, tags
     "Arla-Standard-Milk": ("Arla Standard Milk 1 l", 16.75, "dairy", "Arla", ""),
     "Kiwi": ("Kiwi", 4.5, "fruit", "", "organic"),
 }
+OUT_OF_STOCK = {"Kiwi"}  # a boolean attribute: the page offers an "in stock" tick
 TIMEOUT_MS = 30_000
 
 
@@ -81,10 +83,13 @@ def grocery_engine(tmp_path_factory) -> ImageSearchEngine:
         folder.mkdir(parents=True)
         for photo in sorted((GROCERY / "catalog" / product).iterdir())[:PER_PRODUCT]:
             shutil.copyfile(photo, folder / photo.name)
-    lines = ["product_id,name,url,price,currency,category,brand,tags"]
+    lines = []
     for product, (name, price, category, brand, tags) in RECORDS.items():
-        lines.append(f"{product},{name},https://shop.example/p/{product.lower()},{price},SEK,{category},{brand},{tags}")
-    (tmp_path / "catalog" / "products.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        url = f"https://shop.example/p/{product.lower()}"
+        record = {"product_id": product, "name": name, "url": url, "price": price, "currency": "SEK"}
+        record |= {"category": category, "brand": brand or None, "tags": [tags] if tags else []}
+        lines.append(json.dumps(record | {"in_stock": product not in OUT_OF_STOCK}))
+    (tmp_path / "catalog" / "products.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = Settings(
         config_file=None, environ={}, model_name="efficientnet_lite0", data_dir=tmp_path / "catalog", cache_dir=tmp_path
     )
@@ -286,10 +291,17 @@ def test_filters_a_crop_regions_and_match_badges(grocery, grocery_engine, tmp_pa
             # ... and a price cap on top of it
             with page.expect_response(lambda r: "/search?" in r.url) as answer:
                 page.locator("#filter-price").fill("25")
-                page.locator("#filter-price").dispatch_event("change")
+                page.locator("#filter-price").press("Enter")  # commits the value: a change event
             assert "where=price%3C%3D25" in answer.value.url
             cheap = [p for p in fruit if RECORDS[p][1] <= 25]
             expect(cards).to_have_count(len(cheap))
+            # ... and a tick made from the records' own boolean column
+            with page.expect_response(lambda r: "/search?" in r.url) as answer:
+                page.get_by_label("in stock").check()
+            assert "where=in_stock%3Dtrue" in answer.value.url
+            expect(cards).to_have_count(len([p for p in cheap if p not in OUT_OF_STOCK]))
+            assert OUT_OF_STOCK & set(cheap), "the tick should take a product away"
+            shot(page, "filtered-price-in-stock.png")
             with page.expect_response(lambda r: "/search?" in r.url and "where=" not in r.url):
                 page.locator("#clear-filters").click()
             expect(cards).to_have_count(len(PRODUCTS))

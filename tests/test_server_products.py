@@ -23,12 +23,12 @@ with warnings.catch_warnings():  # newer Starlette nudges towards httpx2; httpx 
 
 PRODUCTS = {"red-disc": 4, "green-bar": 4, "blue-cross": 4, "yellow-disc": 4, "black-bar": 4, "grey-cross": 4}
 LOOK = {product: look for look, product in enumerate(PRODUCTS)}
-RECORDS_CSV = """product_id,name,url,price,currency,category,brand,tags,origin
-red-disc,Red Disc Cookies,https://shop.example/p/red-disc,2.50,EUR,snacks,Acme,organic|vegan,SE
-green-bar,"Green Bar, large",https://shop.example/p/green-bar,12,EUR,dairy,Arla,organic,DK
-blue-cross,Blue Cross Oat Drink,https://shop.example/p/blue-cross,25,EUR,dairy,Oatly,vegan,SE
-yellow-disc,Yellow Disc,https://shop.example/p/yellow-disc,8,EUR,fruit,Acme,,ES
-black-bar,Black Bar,https://shop.example/p/black-bar,30,EUR,dairy,Arla,,DK
+RECORDS_CSV = """product_id,name,url,price,currency,category,brand,tags,origin,weight_g
+red-disc,Red Disc Cookies,https://shop.example/p/red-disc,2.50,EUR,snacks,Acme,organic|vegan,SE,200
+green-bar,"Green Bar, large",https://shop.example/p/green-bar,12,EUR,dairy,Arla,organic,DK,1000
+blue-cross,Blue Cross Oat Drink,https://shop.example/p/blue-cross,25,EUR,dairy,Oatly,vegan,SE,1030
+yellow-disc,Yellow Disc,https://shop.example/p/yellow-disc,8,EUR,fruit,Acme,,ES,150
+black-bar,Black Bar,https://shop.example/p/black-bar,30,EUR,dairy,Arla,,DK,
 """
 RECORDED = [p for p in PRODUCTS if p != "grey-cross"]  # grey-cross has a folder but no record
 JPEG = {"content-type": "image/jpeg"}
@@ -129,6 +129,7 @@ def test_more_like_this_carries_records_and_takes_where(client):
         (["tags~organic,vegan", "brand!=Acme"], {"green-bar", "blue-cross"}),
         (["brand!=Arla"], {"red-disc", "blue-cross", "yellow-disc", "grey-cross"}),  # no record: no brand
         (["origin=SE"], {"red-disc", "blue-cross"}),
+        (["weight_g<=200"], {"red-disc", "yellow-disc"}),
         (["name=Green Bar\\, large"], {"green-bar"}),
     ],
 )
@@ -326,6 +327,35 @@ def test_facets_list_the_values_the_filter_controls_offer(client):
     assert facets["price"] == {"min": 2.5, "max": 30.0, "currencies": ["EUR"]}
     assert facets["fields"]["price"] == ["number"] and facets["fields"]["origin"] == ["text"]
     assert {"category", "brand", "tags", "product_id"} <= set(facets["fields"])
+    assert facets["attributes"] == [
+        {"field": "origin", "kind": "text", "values": [{"value": "DK", "count": 2}, {"value": "SE", "count": 2},
+                                                        {"value": "ES", "count": 1}], "min": None, "max": None},
+        {"field": "weight_g", "kind": "number", "values": None, "min": 150, "max": 1030},
+    ]  # fmt: skip
+
+
+def test_facets_offer_a_control_for_each_usable_further_column():
+    from lookalike.records import ProductRecord
+    from lookalike.server.facets import MAX_ATTRIBUTE_VALUES, catalog_facets
+
+    records = {
+        f"p{i}": ProductRecord(
+            f"p{i}",
+            attributes={"in_stock": i % 3 != 0, "sku": f"SKU-{i}", "colours": ("red", "blue")[: 1 + i % 2], "mixed": i}
+            | ({"mixed": "n/a"} if i == 0 else {}),
+        )
+        for i in range(MAX_ATTRIBUTE_VALUES + 1)
+    }
+    records["gone"] = ProductRecord("gone", category="not indexed")
+    facets = catalog_facets(records, [*records][:-1] + ["no-record"])
+    assert facets["products"] == MAX_ATTRIBUTE_VALUES + 2 and facets["with_records"] == MAX_ATTRIBUTE_VALUES + 1
+    assert facets["category"] == []  # the record of a product that is not indexed is left out
+    by_field = {a["field"]: a for a in facets["attributes"]}
+    assert set(by_field) == {"in_stock", "colours"}  # sku: too many values for a select; mixed: number and text
+    assert by_field["in_stock"] == {"field": "in_stock", "kind": "bool", "values": [
+        {"value": "true", "count": 34}, {"value": "false", "count": 17}]}  # fmt: skip
+    assert by_field["colours"]["kind"] == "list"
+    assert {v["value"]: v["count"] for v in by_field["colours"]["values"]} == {"red": 51, "blue": 25}
 
 
 def test_facets_without_records(make_settings, catalog):

@@ -95,6 +95,14 @@ class PriceRange(BaseModel):
     currencies: list[str]
 
 
+class AttributeFacet(BaseModel):
+    field: str = Field(description="a further column of the records, usable in where=")
+    kind: str = Field(description="text, number, bool or list")
+    values: list[FacetValue] | None = Field(None, description="text, bool, list: the values with product counts")
+    min: float | None = None
+    max: float | None = None
+
+
 class Facets(BaseModel):
     products: int = Field(description="products in the index")
     with_records: int = Field(description="of which have a record")
@@ -103,6 +111,7 @@ class Facets(BaseModel):
     brand: list[FacetValue]
     tags: list[FacetValue]
     price: PriceRange | None
+    attributes: list[AttributeFacet] = Field(description="the further columns a filter control can be made for")
 
 
 class AddImagesResponse(BaseModel):

@@ -236,7 +236,56 @@ function whereClauses() {
   if ($("filter-tags").value) out.push(`tags~${escapeValue($("filter-tags").value)}`);
   const price = $("filter-price").value.trim();
   if (price !== "" && Number.isFinite(Number(price))) out.push(`price<=${Number(price)}`);
+  for (const control of $("filter-attributes").querySelectorAll("[data-field]")) {
+    const { field, op } = control.dataset;
+    if (control.type === "checkbox") {
+      if (control.checked) out.push(`${field}=true`);
+    } else if (control.type === "number") {
+      const value = control.value.trim();
+      if (value !== "" && Number.isFinite(Number(value))) out.push(`${field}<=${Number(value)}`);
+    } else if (control.value) {
+      out.push(`${field}${op}${escapeValue(control.value)}`);
+    }
+  }
   return out;
+}
+
+// A control for each further column of the records: a tick for yes/no, a select for a few values, "at most" for
+// numbers. Built from GET facets, so only fields the catalog has appear.
+function attributeControl(facet) {
+  const label = document.createElement("label");
+  const title = facet.field.replaceAll("_", " ");
+  let control;
+  if (facet.kind === "bool") {
+    control = document.createElement("input");
+    control.type = "checkbox";
+    label.append(control, ` ${title}`);
+  } else if (facet.kind === "number") {
+    control = document.createElement("input");
+    control.type = "number";
+    control.step = "any";
+    control.placeholder = `up to ${facet.max}`;
+    label.append(`${title} at most `, control);
+  } else if (facet.values && facet.values.length) {
+    control = document.createElement("select");
+    const any = document.createElement("option");
+    any.value = "";
+    any.textContent = "any";
+    control.append(any);
+    for (const { value, count } of facet.values) {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = `${value} (${count})`;
+      control.append(option);
+    }
+    control.dataset.op = facet.kind === "list" ? "~" : "=";
+    label.append(`${title} `, control);
+  } else {
+    return null;
+  }
+  control.dataset.field = facet.field;
+  control.addEventListener("change", ask);
+  return label;
 }
 
 function fillSelect(id, values) {
@@ -272,12 +321,18 @@ async function showFilters() {
     $("filter-price-label").hidden = false;
     any = true;
   }
-  $("filters").hidden = !any;
+  const controls = (facets.attributes || []).map(attributeControl).filter(Boolean);
+  $("filter-attributes").replaceChildren(...controls);
+  $("filters").hidden = !(any || controls.length);
 }
 
 function clearFilters() {
   for (const id of ["filter-category", "filter-brand", "filter-tags"]) $(id).value = "";
   $("filter-price").value = "";
+  for (const control of $("filter-attributes").querySelectorAll("[data-field]")) {
+    if (control.type === "checkbox") control.checked = false;
+    else control.value = "";
+  }
   ask();
 }
 
