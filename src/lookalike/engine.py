@@ -344,14 +344,19 @@ class ImageSearchEngine:
         """Re-read the catalog's ``products.csv`` / ``products.jsonl`` and save it with the index, without reading
         any image (``lookalike records``); engines of other processes see it on their next refresh. Returns the
         report: loaded, skipped lines and their issues, records without a folder, products without a record."""
+        ready = self.is_ready
         with files.catalog_lock(self.settings.cache_dir):
-            if self.is_ready:
+            if ready:
                 self._refresh(now=True)
-            store = self._store if self.is_ready else self._open(manifest_settings=True)
-            manifests.require_index(store, self.settings.metadata_path)
-            edits.recover(self.settings.cache_dir, store)
-            report = products.update_records(store, self.data_root)
-            if self.is_ready:
+            store = self.store if ready else self._open(manifest_settings=True)
+            try:
+                manifests.require_index(store, self.settings.metadata_path)
+                edits.recover(self.settings.cache_dir, store)
+                report = products.update_records(store, self.data_root)
+            finally:
+                if not ready:
+                    store.close()  # opened for this update only (no model was loaded to search with it)
+            if ready:
                 self._install(store, self._adaptation)
         return report
 

@@ -168,7 +168,9 @@ def rank(
             out.append(res)
         return out, settled
 
-    search = lambda pos, k: store.search(vectors[pos], k, where=where)  # noqa: E731
+    def search(positions: np.ndarray, k: int) -> list:
+        return store.search(vectors[positions], k, where=where)
+
     return widening_search(search, len(vectors), total, top_k, settle)
 
 
