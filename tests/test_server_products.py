@@ -358,6 +358,18 @@ def test_facets_offer_a_control_for_each_usable_further_column():
     assert {v["value"]: v["count"] for v in by_field["colours"]["values"]} == {"red": 51, "blue": 25}
 
 
+def test_records_written_after_the_build_reach_the_api_without_a_restart(make_settings, catalog):
+    engine = ImageSearchEngine(make_settings())
+    engine.build_index()
+    with TestClient(create_app(engine=engine)) as client:
+        assert client.get("/facets").json()["with_records"] == 0
+        (catalog / "products.csv").write_text("product_id,name,category\nred-disc,Red Disc,snacks\n", encoding="utf-8")
+        engine.update_records()  # what `lookalike records` does; no photo is read
+        assert client.get("/facets").json()["category"] == [{"value": "snacks", "count": 1}]
+        body = search(client, photo("red-disc"), where="category=snacks")
+        assert [(h["product_id"], h["record"]["name"]) for h in body["results"]] == [("red-disc", "Red Disc")]
+
+
 def test_facets_without_records(make_settings, catalog):
     engine = ImageSearchEngine(make_settings())
     engine.build_index()
