@@ -6,6 +6,7 @@ first, click it, get "more like this". Screenshots are saved in the test's tempo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import threading
@@ -349,6 +350,8 @@ def test_filters_a_crop_regions_and_match_badges(grocery, grocery_engine, tmp_pa
                     box = page.locator(f"#region-boxes .box[data-region='{i + 1}']").bounding_box()
                     centre = (box["x"] + box["width"] / 2 - area["x"]) / scale
                     assert (centre < width / 2) == (product == COLLAGE[0]), (product, centre)
+            groups.nth(1).hover()  # pointing at a region's results points out its box
+            expect(page.locator("#region-boxes .box[data-region='2']")).to_have_class(re.compile(r"\bactive\b"))
             shot(page, "regions.png")
         finally:
             browser.close()
