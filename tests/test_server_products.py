@@ -405,3 +405,33 @@ def test_regions_go_through_the_search_gate_before_the_upload_is_read(served):
     assert client.post("/search/regions", content=photo("red-disc"), headers=JPEG).status_code == 200
     text = client.get("/metrics").text
     assert 'route="/search/regions",status="503"' in text and 'route="/search/regions",status="200"' in text
+
+
+def test_the_api_over_a_milvus_store(tmp_path):
+    """The same HTTP answers when the index lives in Milvus (Lite, a local file): filters run natively there."""
+    pytest.importorskip("pymilvus")
+    from lookalike import Settings
+
+    write_catalog(tmp_path / "catalog", PRODUCTS)
+    (tmp_path / "catalog" / "products.csv").write_text(RECORDS_CSV, encoding="utf-8")
+    settings = Settings(
+        config_file=None,
+        environ={},
+        model_name="test_tiny",
+        store="milvus",
+        data_dir=tmp_path / "catalog",
+        cache_dir=tmp_path / "cache",
+        batch_size=4,
+    )
+    engine = ImageSearchEngine(settings)
+    engine.build_index(progress=False)
+    with TestClient(create_app(engine=engine)) as client:
+        body = search(client, photo("yellow-disc"), top_k=10, where=["category=dairy", "price<20"])
+        assert [(h["product_id"], h["record"]["name"]) for h in body["results"]] == [("green-bar", "Green Bar, large")]
+        body = search(client, jpeg_bytes(two_products("blue-cross", "yellow-disc"), quality=95), box="210,10,390,190")
+        assert body["results"][0]["product_id"] == "yellow-disc"
+        bad = client.post("/search", files=upload(photo("red-disc")), params={"where": "x=1"})
+        assert "known fields" in detail_422(bad)
+        r = client.get("/products/red-disc/similar", params={"where": "tags~vegan"})
+        assert [h["product_id"] for h in r.json()["results"]] == ["blue-cross"]
+        assert client.get("/facets").json()["with_records"] == 5
