@@ -10,7 +10,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -29,24 +28,28 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..engine import ImageSearchEngine, UnknownProductError
+from ..filters import FilterError
 from ..ids import InvalidProductIdError, normalize_product_id
 from ..imaging import ImageError, open_image
 from ..settings import Settings
-from . import schemas
+from . import products, schemas
 from .failures import ClientDisconnect, client_gone, trim_memory, write_error_names, write_failed
 from .gate import Overloaded, SearchGate
 from .images import EXTENSIONS, NotInCatalog, catalog_file, media_type
 from .metrics import CONTENT_TYPE, MetricsMiddleware
 from .state import PAGE_FILES, ServerState
-from .uploads import IMAGE_BODY, IMAGES_BODY, Upload, image_error_status, read_images, receive_uploads, safe_file_name
+from .uploads import IMAGE_BODY, IMAGES_BODY, Upload, image_error_status, receive_uploads, safe_file_name
+from .wire import require_ready as _require_ready
+from .wire import scrub_paths as _scrub_paths
+from .wire import wire_hit
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_K = 100
+MAX_TOP_K = products.MAX_TOP_K
 MAX_ID_LENGTH = 200  # characters in a path; the id rule (lookalike.ids) then limits its UTF-8 bytes
-TRIM_AFTER_BYTES = 1024 * 1024  # after an upload this big, hand freed heap memory back to the system
+TRIM_AFTER_BYTES = products.TRIM_AFTER_BYTES
 FILE_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
-THUMBNAIL_SIZE = 256
+THUMBNAIL_SIZE = products.THUMBNAIL_SIZE
 SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
@@ -56,7 +59,7 @@ PAGE_HEADERS = {
 }
 TopK = Query(5, ge=1, le=MAX_TOP_K, description="how many results")
 BEARER = HTTPBearer(auto_error=False, description="the admin token: settings.admin_token / LOOKALIKE_ADMIN_TOKEN")
-MinSimilarity = Query(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="drop weaker matches")
+MinSimilarity = products.MinSimilarity
 
 
 def create_app(
@@ -97,6 +100,7 @@ def create_app(
     app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, _internal_error)
     _routes(app, state)
+    app.include_router(products.router)
     return app
 
 
@@ -114,9 +118,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     engine, settings = state.engine, state.settings
 
     def require_ready() -> None:
-        if not state.ready:
-            why = "failed to load (see the server log)" if state.status == "failed" else "is still loading"
-            raise HTTPException(503, f"not ready: the index {why}", headers={"Retry-After": "5"})
+        _require_ready(state)
 
     def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         token = settings.admin_token
@@ -129,11 +131,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
     def hit(request: Request, h: dict[str, Any]) -> dict[str, Any]:
-        """A result for the wire: the engine's keys (extra ones too), no file paths, the image's URLs."""
-        root = Path(engine.settings.data_dir).expanduser().resolve()
-        out = {k: _scrub_paths(v, root) for k, v in h.items() if not k.endswith("_path")}
-        url = f"{request.scope.get('root_path', '')}/images/{h['image_id']}"
-        return {**out, "image_url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
+        return wire_hit(request, engine, h, THUMBNAIL_SIZE)
 
     def build_id() -> str:
         return engine.build_id
@@ -152,38 +150,25 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         top_k: int = TopK,
         min_similarity: float | None = MinSimilarity,
         by_product: bool = Query(True, description="one result per product (false: one per image)"),
+        only_matches: bool = products.OnlyMatches,
+        where: list[str] | None = products.Where,
+        box: str | None = products.Box,
     ):
-        """The catalog products (or images) that look most like the uploaded photo, best first."""
+        """The catalog products (or images) that look most like the uploaded photo (or a region of it), best first."""
         start = time.perf_counter()
         require_ready()
-        place = state.gate.reserve()  # refused (503) before a byte of the upload is read
-        photo = b""
-        try:
-            (photo,) = await read_images(request, settings.max_upload_bytes)
-            run = functools.partial(engine.search, top_k=top_k, by_product=by_product, min_similarity=min_similarity)
-            hits, waited, ran = await state.gate.run(run, photo, place=place)
-        except ImageError as exc:
-            raise HTTPException(
-                image_error_status(exc.reason), f"cannot use the uploaded photo: {exc.reason}"
-            ) from None
-        except write_error_names() as exc:  # spooling the upload to disk failed
-            raise write_failed(exc, "receive the photo") from None
-        finally:
-            place.release()  # no-op once the search holds it: its thread gives it back
-            if len(photo) > TRIM_AFTER_BYTES:
-                del photo
-                await run_in_threadpool(trim_memory)
+        where, region = products.clauses(where), products.check_box(box)  # the box's form before the upload is read
+        options = {"by_product": by_product, "min_similarity": min_similarity, "only_matches": only_matches}
+        run = functools.partial(engine.search, top_k=top_k, where=where or None, box=region, **options)
+        hits, waited, ran = await products.gated_search(state, request, run)  # 503 before a byte is read
         state.metrics.observe_search(waited, ran)
         return {
             "results": [hit(request, h) for h in hits],
             "top_k": top_k,
-            "by_product": by_product,
-            "min_similarity": min_similarity,
-            "timings": {
-                "queue_ms": round(waited * 1000, 2),
-                "search_ms": round(ran * 1000, 2),
-                "total_ms": round((time.perf_counter() - start) * 1000, 2),
-            },
+            **options,
+            "where": where,
+            "box": list(region) if region is not None else None,
+            "timings": products.timings(start, waited, ran),
             "build_id": build_id(),
         }
 
@@ -198,19 +183,24 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         product_id: str = PathParam(max_length=MAX_ID_LENGTH),
         top_k: int = TopK,
         min_similarity: float | None = MinSimilarity,
+        where: list[str] | None = products.Where,
     ):
         """More like this: the other products that look most like a product of the catalog."""
         require_ready()
         product_id = _product_id(product_id)
+        where = products.clauses(where)
         try:
-            hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity)
+            hits = engine.similar_to_product(product_id, top_k, min_similarity=min_similarity, where=where or None)
         except UnknownProductError:
             raise HTTPException(404, f"unknown product {product_id!r}") from None
+        except FilterError as exc:
+            raise HTTPException(422, str(exc)) from None
         return {
             "product_id": product_id,
             "results": [hit(request, h) for h in hits],
             "top_k": top_k,
             "min_similarity": min_similarity,
+            "where": where,
             "build_id": build_id(),
         }
 
@@ -417,15 +407,3 @@ def _stage(photos: list[Upload], tmp: Path, settings: Settings) -> list[Path]:
         staged.rename(path)
         paths.append(path)
     return paths
-
-
-def _scrub_paths(value: Any, root: Path) -> Any:
-    """Statistics name files by path; answer with catalog-relative names, and only the file name for anything else."""
-    if isinstance(value, dict):
-        return {k: _scrub_paths(v, root) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_paths(v, root) for v in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        path = Path(value)
-        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-    return value

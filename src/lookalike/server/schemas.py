@@ -7,6 +7,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class Record(BaseModel):
+    """A product's record from the catalog's products.csv / products.jsonl; unset fields are left out, further
+    columns of the file pass through as attributes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    product_id: str
+    name: str | None = None
+    url: str | None = Field(None, description="the product's page (http or https)")
+    price: float | None = None
+    currency: str | None = Field(None, description="ISO 4217 code, like EUR")
+    category: str | None = None
+    brand: str | None = None
+    tags: list[str] | None = None
+
+
 class Hit(BaseModel):
     """One matching product (or image). Keys the engine adds later pass through."""
 
@@ -18,6 +34,11 @@ class Hit(BaseModel):
     image_id: str = Field(description="the best-matching catalog image; fetch it from image_url")
     image_url: str
     thumbnail_url: str
+    record: Record | None = Field(None, description="the product's record (name, price, link...); null: none")
+    match: bool | None = Field(
+        None,
+        description='false: below the calibrated "no match" threshold (likely not this product); null: no calibration',
+    )
 
 
 class Timings(BaseModel):
@@ -31,6 +52,9 @@ class SearchResponse(BaseModel):
     top_k: int
     by_product: bool
     min_similarity: float | None
+    only_matches: bool = False
+    where: list[str] = Field([], description="the filter as understood, one clause per entry")
+    box: list[float] | None = Field(None, description="the region searched: x0, y0, x1, y1 (pixels)")
     timings: Timings
     build_id: str = Field(description="the index generation that answered")
 
@@ -40,7 +64,54 @@ class SimilarResponse(BaseModel):
     results: list[Hit]
     top_k: int
     min_similarity: float | None
+    where: list[str] = Field([], description="the filter as understood, one clause per entry")
     build_id: str
+
+
+class Region(BaseModel):
+    box: list[int] = Field(description="x0, y0, x1, y1 in pixels of the uploaded photo (x1, y1 exclusive)")
+    score: float = Field(description="the similarity of the region's best result")
+    hits: list[Hit]
+
+
+class RegionsResponse(BaseModel):
+    regions: list[Region] = Field(description="best first; empty: no catalog product found in the photo")
+    top_k: int
+    max_regions: int
+    min_similarity: float | None
+    where: list[str]
+    timings: Timings
+    build_id: str
+
+
+class FacetValue(BaseModel):
+    value: str
+    count: int = Field(description="indexed products with this value")
+
+
+class PriceRange(BaseModel):
+    min: float
+    max: float
+    currencies: list[str]
+
+
+class AttributeFacet(BaseModel):
+    field: str = Field(description="a further column of the records, usable in where=")
+    kind: str = Field(description="text, number, bool or list")
+    values: list[FacetValue] | None = Field(None, description="text, bool, list: the values with product counts")
+    min: float | None = None
+    max: float | None = None
+
+
+class Facets(BaseModel):
+    products: int = Field(description="products in the index")
+    with_records: int = Field(description="of which have a record")
+    fields: dict[str, list[str]] = Field(description="every field where= may name, with the kinds of its values")
+    category: list[FacetValue]
+    brand: list[FacetValue]
+    tags: list[FacetValue]
+    price: PriceRange | None
+    attributes: list[AttributeFacet] = Field(description="the further columns a filter control can be made for")
 
 
 class AddImagesResponse(BaseModel):

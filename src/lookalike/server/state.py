@@ -18,7 +18,11 @@ from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "style.css": "text/css",
+    **{name: "text/javascript" for name in ("app.js", "photo.js", "filters.js", "results.js")},
+}
 
 
 class ServerState:

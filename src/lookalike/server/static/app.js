@@ -1,8 +1,15 @@
-// lookalike's page: send a photo to POST search, show the products that look like it; a click asks for more like one.
+// lookalike's page: send a photo (or a region of it) to POST search, show the products that look like it; a click
+// asks for more like one; "find every product" asks POST search/regions. The parts: photo.js (the preview, the
+// crop rectangle, region boxes), filters.js (filter controls -> where= clauses), results.js (the result cards).
 // No framework and no network beyond this server. Text from the server is only ever set as textContent.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+
+// What the results on screen answer: the user's photo (with an optional box, in the photo's own pixels), or
+// "more like" a product. Changing an option or a filter asks the same question again.
+const current = { query: null, file: null, box: null };
+const REGION_RESULTS = 3; // results per region: the product found and two runners-up
 
 function setStatus(text, isError = false) {
   const el = $("status");
@@ -32,12 +39,17 @@ function clearResults() {
   list.replaceChildren();
   delete list.dataset.query;
   $("results-section").hidden = true;
+  $("region-boxes").replaceChildren();
 }
 
+let latest = 0; // only the answer to the last request is shown (a slow answer must not overwrite a newer one)
+
 async function call(url, options, onOk) {
+  const ticket = ++latest;
   setBusy(true);
   try {
     const response = await fetch(url, options);
+    if (ticket !== latest) return;
     if (!response.ok) {
       const text = await errorText(response);
       const retry = response.headers.get("Retry-After");
@@ -45,110 +57,102 @@ async function call(url, options, onOk) {
       setStatus(retry ? `${text} (try again in ${retry} s)` : text, true);
       return;
     }
-    onOk(await response.json());
+    const body = await response.json();
+    if (ticket === latest) onOk(body);
   } catch (err) {
+    if (ticket !== latest) return;
     clearResults();
     setStatus(`The server could not be reached (${err.message}).`, true);
   } finally {
-    setBusy(false);
+    if (ticket === latest) setBusy(false);
   }
 }
 
-// The preview shows what the results are like: the photo searched with, or the product asked about.
-function setPreview(src, alt) {
-  const img = $("preview");
-  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-  img.alt = alt;
-  img.onerror = clearPreview; // a file the browser cannot draw (a PDF, a broken JPEG): no broken-image icon
-  img.src = src;
-  img.hidden = false;
-  $("drop").classList.add("has-photo");
+// --- asking --------------------------------------------------------------------------------------------------
+
+function params(extra) {
+  const out = new URLSearchParams(extra);
+  for (const clause of whereClauses()) out.append("where", clause);
+  return out;
 }
 
-function clearPreview() {
-  const img = $("preview");
-  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-  img.onerror = null;
-  img.removeAttribute("src");
-  img.hidden = true;
-  $("drop").classList.remove("has-photo");
+const filtered = () => (whereClauses().length ? " (filtered)" : "");
+
+function ask() {
+  const q = current.query;
+  if (!q) return;
+  if (q.kind === "similar") moreLike(q.productId, q.name, null);
+  else if ($("regions-mode").checked && current.file) searchRegions(current.file);
+  else if (current.file) searchPhoto(current.file);
 }
 
-function showPreview(file) {
-  if (file.type && !file.type.startsWith("image/")) {
-    clearPreview();
-    return;
-  }
-  setPreview(URL.createObjectURL(file), "your photo");
+function photoForm(file) {
+  const form = new FormData();
+  form.append("image", file, file.name || "pasted-photo");
+  return form;
+}
+
+function newPhoto(file) {
+  if (!file) return;
+  current.file = file;
+  current.query = { kind: "photo" };
+  showPreview(file);
+  ask();
 }
 
 function searchPhoto(file) {
-  if (!file) return;
-  showPreview(file);
-  const form = new FormData();
-  form.append("image", file, file.name || "pasted-photo");
-  const params = new URLSearchParams({ top_k: $("top-k").value, by_product: $("by-product").checked });
-  setStatus("Searching…");
-  call(`search?${params}`, { method: "POST", body: form }, (data) => {
-    render(data.results, "Products that look like your photo", "search");
+  const extra = {
+    top_k: $("top-k").value,
+    by_product: $("by-product").checked,
+    only_matches: $("only-matches").checked,
+  };
+  if (current.box) extra.box = current.box.join(",");
+  $("region-boxes").replaceChildren();
+  setStatus(current.box ? "Searching the marked region…" : "Searching…");
+  call(`search?${params(extra)}`, { method: "POST", body: photoForm(file) }, (data) => {
+    const title = current.box ? "Products that look like the marked region" : "Products that look like your photo";
+    render(data.results, title + filtered(), current.box ? "search-box" : "search");
     setStatus(`${data.results.length} result(s) in ${Math.round(data.timings.total_ms)} ms`);
   });
 }
 
-function moreLike(productId, thumbnailUrl) {
-  if (thumbnailUrl) setPreview(thumbnailUrl, productId);
-  const params = new URLSearchParams({ top_k: $("top-k").value });
-  setStatus(`Looking for products like ${productId}…`);
-  call(`products/${encodeURIComponent(productId)}/similar?${params}`, {}, (data) => {
-    render(data.results, `More like ${productId}`, `similar:${productId}`);
-    setStatus(`${data.results.length} product(s) like ${productId}`);
+function searchRegions(file) {
+  showBox(null);
+  setStatus("Looking for every product in the photo…");
+  const extra = { top_k: REGION_RESULTS };
+  call(`search/regions?${params(extra)}`, { method: "POST", body: photoForm(file) }, (data) => {
+    renderRegions(data.regions, filtered());
+    showRegions(data.regions);
+    setStatus(`${data.regions.length} region(s) in ${Math.round(data.timings.total_ms)} ms`);
   });
 }
 
-function card(hit) {
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "card";
-  button.dataset.product = hit.product_id;
-  button.title = `More like ${hit.product_id}`;
-
-  const img = document.createElement("img");
-  img.src = hit.thumbnail_url;
-  img.alt = hit.product_id;
-  img.loading = "lazy";
-
-  const rank = document.createElement("span");
-  rank.className = "rank";
-  rank.textContent = `#${hit.rank}`;
-
-  const name = document.createElement("span");
-  name.className = "product";
-  name.textContent = hit.product_id;
-
-  const score = document.createElement("span");
-  score.className = "similarity";
-  const meter = document.createElement("meter");
-  meter.min = 0;
-  meter.max = 1;
-  meter.value = Math.max(0, hit.similarity);
-  const number = document.createElement("span");
-  number.textContent = hit.similarity.toFixed(3);
-  score.append(meter, number);
-
-  button.append(img, rank, name, score);
-  button.addEventListener("click", () => moreLike(hit.product_id, hit.thumbnail_url));
-  const item = document.createElement("li");
-  item.append(button);
-  return item;
+// "More like this" answers with other products by design, so the "no match" flags say nothing here: not shown.
+function moreLike(productId, name, thumbnailUrl) {
+  current.query = { kind: "similar", productId, name };
+  if (thumbnailUrl) setPreview(thumbnailUrl, name, false);
+  const extra = { top_k: $("top-k").value };
+  setStatus(`Looking for products like ${name}…`);
+  call(`products/${encodeURIComponent(productId)}/similar?${params(extra)}`, {}, (data) => {
+    const results = data.results.map(({ match, ...rest }) => rest);
+    render(results, `More like ${name}${filtered()}`, `similar:${productId}`);
+    setStatus(`${results.length} product(s) like ${name}`);
+  });
 }
 
-function render(results, title, query) {
-  const list = $("results");
-  list.replaceChildren(...results.map(card));
-  list.dataset.query = query;
-  $("results-title").textContent = results.length ? title : `${title}: no match`;
-  $("results-section").hidden = false;
+// "Only matches" needs a calibrated "no match" threshold; without one the index flags nothing: no such option.
+async function showMatchOption() {
+  try {
+    const response = await fetch("stats");
+    if (!response.ok) return;
+    const stats = await response.json();
+    $("only-matches-label").hidden = typeof stats.no_match_threshold !== "number";
+  } catch (_) {
+    // keep the option: the server says when it cannot use it
+  }
 }
+
+// --- start ---------------------------------------------------------------------------------------------------
 
 async function showIndex() {
   try {
@@ -156,6 +160,8 @@ async function showIndex() {
     const body = await response.json();
     if (response.ok) {
       $("index-info").textContent = `${body.images} catalog photos indexed`;
+      showFilters();
+      showMatchOption();
     } else {
       $("index-info").textContent = body.status === "failed" ? "the index failed to load" : "loading the index…";
       if (body.status !== "failed") setTimeout(showIndex, 2000);
@@ -175,7 +181,7 @@ function firstImage(items) {
 document.addEventListener("DOMContentLoaded", () => {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => {
-    searchPhoto(e.target.files[0]);
+    newPhoto(e.target.files[0]);
     e.target.value = "";
   });
   drop.addEventListener("keydown", (e) => {
@@ -193,14 +199,24 @@ document.addEventListener("DOMContentLoaded", () => {
   ["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => drop.classList.remove("dragging")));
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
-    searchPhoto(e.dataTransfer.files[0]);
+    newPhoto(e.dataTransfer.files[0]);
   });
   document.addEventListener("paste", (e) => {
     const file = firstImage(e.clipboardData && e.clipboardData.items);
     if (file) {
       e.preventDefault();
-      searchPhoto(file);
+      newPhoto(file);
     }
   });
+  $("clear-box").addEventListener("click", async () => {
+    await showBox(null);
+    ask();
+  });
+  for (const id of ["top-k", "by-product", "only-matches", "regions-mode"]) $(id).addEventListener("change", ask);
+  for (const id of ["filter-category", "filter-brand", "filter-tags", "filter-price"]) {
+    $(id).addEventListener("change", ask);
+  }
+  $("clear-filters").addEventListener("click", clearFilters);
+  watchDrags();
   showIndex();
 });
