@@ -13,7 +13,7 @@ further per-image field, ``record`` JSON: the product's record, ``{}`` without o
 
 The manifest and a write generation live in a companion collection ``<collection>__manifest`` (JSON chunks), so
 any client of the same server finds the model identity with the vectors and :meth:`MilvusStore.refresh` can tell
-that another process wrote. Every collection is ``Strong``-consistent: once a write returns, a search from any
+that another process wrote (:mod:`lookalike.stores.milvus_meta`). Every collection is ``Strong``-consistent: once a write returns, a search from any
 client sees it. On a Milvus server that costs latency: a Strong search waits for the server's next time tick
 (about 200 ms measured on Milvus 2.3.5, docs/scaling.md); ``consistency="Bounded"`` searches answer in about 1 ms
 but may miss another client's writes of the last seconds (``common.gracefulTime``). Fetch, count, ids, the
@@ -27,9 +27,7 @@ fallback over-fetches images and groups them here, widening until ``k`` products
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .base import REQUIRED_FIELDS, StoreError, StoreFilter, StoreHit, StoreInfo, StoreMismatchError
+from .milvus_meta import MilvusMeta
 from .milvus_records import MilvusRecords
 from .milvus_support import (
     BATCH,
@@ -49,8 +48,6 @@ from .milvus_support import (
     in_list,
     index_params,
     is_lite,
-    join_manifest,
-    manifest_rows,
     milvus_index,
     native_grouping,
     order_groups,
@@ -75,7 +72,7 @@ class _LiteNoise(logging.Filter):
 _LITE_NOISE = _LiteNoise()
 
 
-class MilvusStore(MilvusRecords):
+class MilvusStore(MilvusMeta, MilvusRecords):
     """A :class:`~lookalike.stores.base.VectorStore` over one Milvus collection (see the module docstring)."""
 
     backend = "milvus"
@@ -185,50 +182,6 @@ class MilvusStore(MilvusRecords):
 
     def _ensure_manifest_collection(self) -> None:
         ensure_manifest_collection(self._client, self.manifest_collection)
-
-    # --- manifest and generation ----------------------------------------------------------------------------
-    def _meta_rows(self, filter_: str) -> dict[str, str]:
-        rows = self._client.query(self.manifest_collection, filter=filter_, output_fields=["key", "data"])
-        return {r["key"]: r["data"] for r in rows}
-
-    def manifest(self) -> dict[str, Any] | None:
-        rows = self._meta_rows('key like "manifest:%"')
-        if not rows:
-            return None
-        text = join_manifest(rows)
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise StoreError(f"the manifest of {self.collection!r} at {self.location} is damaged: {exc}") from exc
-
-    def set_manifest(self, manifest: Mapping[str, Any]) -> None:
-        rows = manifest_rows(manifest)
-        old = [k for k in self._meta_rows('key like "manifest:%"') if int(k.split(":")[1]) >= len(rows)]
-        self._client.upsert(self.manifest_collection, rows)
-        if old:
-            self._client.delete(self.manifest_collection, filter=in_list("key", old))
-        self._bump()
-
-    def commit(self) -> None:
-        """Save records given to :meth:`set_records` (every other write is saved when its call returns)."""
-        if self._pending_records is not None:
-            self._flush_records()
-            self._bump()
-
-    def _read_generation(self) -> str | None:
-        return self._meta_rows('key == "generation"').get("generation")
-
-    def _bump(self) -> None:
-        self._generation = uuid.uuid4().hex
-        row = {"key": "generation", "data": self._generation, "vector": [0.0, 0.0]}
-        self._client.upsert(self.manifest_collection, [row])
-
-    def refresh(self) -> bool:
-        if not self._exists and self._client.has_collection(self.collection):
-            self._open(None)  # another process made it
-        current = self._read_generation()
-        changed, self._generation = current != self._generation, current
-        return changed
 
     # --- writing --------------------------------------------------------------------------------------------
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
