@@ -11,13 +11,13 @@ further per-image field, ``record`` JSON: the product's record, ``{}`` without o
 (Milvus reports the squared distance: ``distance`` holds the Euclidean one, ``score`` the similarity
 ``1 / (1 + distance)``).
 
-The manifest and a write generation live in a companion collection ``<collection>__manifest`` (JSON chunks), so
-any client of the same server finds the model identity with the vectors and :meth:`MilvusStore.refresh` can tell
-that another process wrote (:mod:`lookalike.stores.milvus_meta`). Every collection is ``Strong``-consistent: once a write returns, a search from any
-client sees it. On a Milvus server that costs latency: a Strong search waits for the server's next time tick
-(about 200 ms measured on Milvus 2.3.5, docs/scaling.md); ``consistency="Bounded"`` searches answer in about 1 ms
-but may miss another client's writes of the last seconds (``common.gracefulTime``). Fetch, count, ids, the
-manifest and the generation are always read Strong.
+The manifest and a write generation live in a companion collection ``<collection>__manifest`` (JSON chunks;
+:mod:`lookalike.stores.milvus_meta`), so any client of the same server finds the model identity with the vectors
+and :meth:`MilvusStore.refresh` can tell that another process wrote. Every collection is ``Strong``-consistent:
+once a write returns, a search from any client sees it. On a Milvus server that costs latency: a Strong search
+waits for the server's next time tick (about 200 ms measured on Milvus 2.3.5, docs/scaling.md);
+``consistency="Bounded"`` searches answer in about 1 ms but may miss another client's writes of the last seconds
+(``common.gracefulTime``). Fetch, count, ids, the manifest and the generation are always read Strong.
 
 Grouped search: servers from 2.5 (and Milvus Lite) group natively (``group_by_field``, ``group_size``); older
 servers silently ignore the grouping arguments, so support is decided once from the server version, and the
