@@ -141,6 +141,17 @@ def test_update_records_reads_no_image_and_a_running_engine_sees_it(
         assert np.allclose(row["vector"], after[image_id]["vector"], atol=1e-6)
 
 
+def test_records_and_their_fields_show_another_process_update_without_a_search(
+    engine, settings_for, shop, tmp_path, monkeypatch
+):
+    # what a page's filter controls read (GET /facets) must not wait for the next search to see a records update
+    monkeypatch.setattr(lookalike.engine, "REFRESH_SECONDS", 0.0)
+    (shop / "products.csv").write_text("product_id,name,price,category\nred-disc,Red disc XL,3,frozen\n")
+    ImageSearchEngine(settings_for(shop, tmp_path / "cache"), extractor=NoImages()).update_records()
+    assert engine.records["red-disc"].category == "frozen" and set(engine.records) == {"red-disc"}
+    assert engine.record_fields()["category"] == ["text"]
+
+
 def test_add_and_remove_read_the_records_file_again(engine, shop, tmp_path, query):
     (shop / "products.csv").write_text(RECORDS + "purple-new,Purple,5,dairy,Arla,,9\n", encoding="utf-8")
     photo = tmp_path / "new.png"

@@ -94,16 +94,21 @@ class ImageSearchEngine:
         self.store  # noqa: B018 - raises when no index is loaded
 
     def images_per_product(self) -> dict[str, int]:
+        """Images per product in the latest committed generation (another process's commit included)."""
+        self._refresh()
         return dict(self._counts)
 
     @property
     def records(self) -> dict[str, ProductRecord]:
-        """The product records saved with the loaded index, by product id (empty without a records file)."""
+        """The product records saved with the latest committed generation, by product id (empty without a
+        records file); ``lookalike records`` run by another process shows here after the engine's next refresh."""
+        self._refresh()
         return dict(self._table.records)
 
     def record_fields(self) -> dict[str, list[str]]:
         """The record fields the loaded records have values for, with their kinds (``text``, ``number``,
         ``bool``, ``list``): what ``where=`` can filter on usefully (e.g. a search page's filter controls)."""
+        self._refresh()
         return self._table.fields()
 
     @property
