@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("lda", "finetune"),
         default="lda",
         help="lda: a projection over the frozen features (seconds); finetune: train the backbone's last block on "
-        "the catalog (minutes) and write a checkpoint for weights_path",
+        "the catalog (minutes), then reindex with it and the projection (as tune: finetune)",
     )
-    p.add_argument("--out", metavar="FILE", help="finetune: where to write the checkpoint (.safetensors)")
+    p.add_argument("--out", metavar="FILE", help="finetune: only write the checkpoint here (.safetensors), no reindex")
 
     p = command("doctor", "check the catalog: duplicates, mislabels, outliers, blur")
     p.add_argument("--catalog", help="catalog folder to check (default: data_dir)")
@@ -185,6 +185,10 @@ def cmd_index(args, settings: Settings) -> int:
         f"({report.extracted} extracted, {report.reused} from cache) in {report.seconds:.1f}s"
     )
     print(_tuning_line(report.tuning))
+    if report.tuning.get("finetune"):
+        from .finetuned import describe
+
+        print(describe(report.tuning["finetune"]))
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

@@ -118,11 +118,13 @@ def rank(
     images_per_product: Mapping[str, int],
     threshold: float | None,
     root: Path,
+    image_threshold: float | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The engine's results for query vectors already in index space, from any VectorStore: images, or products
     scored as above (over-fetching until settled). Each result is a dict with ``rank``, ``product_id``,
     ``similarity``, ``image_id``, ``image_path`` (under ``root``); products add ``image_similarity`` and, when
-    ``threshold`` is known, ``match``; l2 adds ``distance``."""
+    ``threshold`` is known, ``match``; images add ``match`` when ``image_threshold`` (calibrated on the best
+    single image similarity, not on the product score) is known; l2 adds ``distance``."""
     total = store.count()
     if total == 0:
         return [[] for _ in range(len(vectors))]
@@ -143,6 +145,8 @@ def rank(
             for res, h in zip(results, kept):
                 if h.distance is not None:
                     res["distance"] = h.distance
+                if image_threshold is not None:
+                    res["match"] = bool(h.score >= image_threshold)
             out.append(results)
         return out
 
