@@ -130,3 +130,24 @@ def test_arcface_loss_trains_and_an_unknown_loss_is_refused(big_catalog: Path, m
     assert all(np.isfinite(h["loss"]) for h in result.info["history"])
     with pytest.raises(ValueError, match="unknown fine-tune loss 'triplet'"):
         ft.finetune(settings, config=ft.FinetuneConfig(epochs=1, views=1, loss="triplet"), progress=False)
+
+
+def test_simulated_unknowns_push_towards_a_uniform_answer():
+    # the loss of a photo of a hidden product is lowest when it resembles every known product equally
+    cfg = ft.FinetuneConfig(unknown_fraction=0.5, unknown_weight=1.0, margin=0.0)
+    proxies = torch.eye(4)
+    known = torch.tensor([True, True, True, False])
+    target = torch.tensor([3])
+    uniform = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), dim=1)
+    leaning = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0.2, 0.0]]), dim=1)
+    assert ft._proxy_loss(uniform, proxies, target, cfg, known) < ft._proxy_loss(leaning, proxies, target, cfg, known)
+    # a known product's photo is classified among the known products only
+    photo = torch.nn.functional.normalize(torch.tensor([[0.1, 0.3, 0.1, 0.3]]), dim=1)  # as close to p3 as to p1
+    masked = ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg, known)
+    assert float(masked) < float(ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg)) - 0.5
+
+
+def test_finetune_with_simulated_unknowns_runs(big_catalog: Path, make_settings, tmp_path: Path):
+    cfg = ft.FinetuneConfig(epochs=3, views=1, batch_size=16, require_gain=False, unknown_fraction=0.25)
+    result = ft.finetune(make_settings(data_dir=big_catalog), config=cfg, out_path=tmp_path / "u.st", progress=False)
+    assert len(result.info["history"]) >= 2 and all(np.isfinite(h["loss"]) for h in result.info["history"])

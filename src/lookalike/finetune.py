@@ -63,6 +63,8 @@ class FinetuneConfig:
     margin: float = 0.1  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
     loss: str = "cosface"  # cosface or arcface; with margin 0 both are the plain normalised softmax
     refit_all: bool = False  # after early stopping, train again on every photo for the chosen number of epochs
+    unknown_fraction: float = 0.0  # share of products treated as unknown in each trained epoch (0: none)
+    unknown_weight: float = 0.5  # weight of their push towards a uniform answer (outlier exposure)
     patience: int = 3  # epochs without a better held-out MAP@R before stopping
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
@@ -222,9 +224,13 @@ def _raw(tail, maps, pooling: str, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig):
+def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, known=None):
     """Normalised softmax over the product proxies, with the configured margin on the true product's logit:
-    CosFace subtracts it from the cosine, ArcFace adds it to the angle."""
+    CosFace subtracts it from the cosine, ArcFace adds it to the angle.
+
+    ``known`` (a bool mask over products; None: all known) simulates unknown products: their proxies leave the
+    softmax, and their photos are pushed towards a uniform answer over the known ones (outlier exposure, weighted
+    ``cfg.unknown_weight``), so that a product the network never saw resembles no catalog product in particular."""
     import torch
 
     cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
@@ -236,7 +242,18 @@ def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig):
         cos = cos - cfg.margin * onehot
     else:
         raise ValueError(f"unknown fine-tune loss {cfg.loss!r}: expected cosface or arcface")
-    return torch.nn.functional.cross_entropy(cfg.scale * cos, target)
+    logits = cfg.scale * cos
+    if known is None:
+        return torch.nn.functional.cross_entropy(logits, target)
+    logits = logits.masked_fill(~known, float("-inf"))
+    seen = known[target]
+    loss = logits.new_zeros(())
+    if seen.any():
+        loss = loss + torch.nn.functional.cross_entropy(logits[seen], target[seen])
+    if (~seen).any():
+        logp = torch.log_softmax(logits[~seen], dim=1)[:, known]
+        loss = loss + cfg.unknown_weight * (-logp.mean(dim=1)).mean()
+    return loss
 
 
 def finetune(
@@ -334,6 +351,11 @@ def finetune(
                 p.requires_grad_(not frozen)
             order = rng.permutation(train_rows)
             views = rng.integers(0, cfg.views, len(order))
+            known = None
+            if cfg.unknown_fraction > 0 and not frozen:  # a fresh group of simulated unknowns each epoch
+                hide = rng.choice(len(products), max(1, int(round(cfg.unknown_fraction * len(products)))), False)
+                known = torch.ones(len(products), dtype=torch.bool, device=device)
+                known[torch.from_numpy(hide).to(device)] = False
             losses = []
             for s in range(0, len(order), cfg.batch_size):
                 rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
@@ -342,7 +364,7 @@ def finetune(
                 with torch.set_grad_enabled(not frozen):
                     main, _ = tail(x)
                 emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
-                loss = _proxy_loss(emb, proxies, y_t[rows], cfg)
+                loss = _proxy_loss(emb, proxies, y_t[rows], cfg, known)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
