@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lookalike import Settings
     from lookalike.evaluation import evaluate
-    from lookalike.finetune import FinetuneConfig, FinetuneDeclined, finetune
+    from lookalike.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(**json.loads(args.config))
     if args.maps_cache is not None:
@@ -127,14 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every step, so that a long run leaves its partial results
         args.out.write_text(json.dumps(out, indent=1))
 
-    if args.weights is None:
+    def run_finetune(exclude=()):
+        """The fine-tune a build with tune: finetune would use (same cache: <work>/cache/finetuned), timed."""
+        from lookalike.finetuned import finetuned_weights
+
         t0, c0 = time.perf_counter(), time.process_time()
-        result = finetune(settings, config=cfg, out_path=args.work / "finetuned.safetensors")
-        out["finetune"] = {
-            "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-            "validation": result.info["validation"], "history": result.info["history"], "sha256": result.sha256,
-        }  # fmt: skip
-        weights = result.path
+        outcome = finetuned_weights(settings, config=cfg, exclude_products=exclude)
+        record = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+        record.update(outcome.info)
+        if outcome.weights is not None:
+            report = json.loads(outcome.weights.with_suffix(".json").read_text())
+            record.update(history=report["history"], refit_history=report.get("refit_history"))
+        return outcome, record
+
+    if args.weights is None:
+        outcome, out["finetune"] = run_finetune()
+        save()
+        if outcome.weights is None:
+            print(f"fine-tuning declined: {outcome.info['reason']}")
+            return 1
+        weights = outcome.weights
     else:
         weights = args.weights
     out["weights"] = str(weights)
@@ -172,19 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.base_open_set:
             out["no_match_base"] = open_set(settings, args.grocery, hidden)
             save()
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            result = finetune(
-                settings, config=cfg, exclude_products=set(hidden), out_path=args.work / "finetuned-openset.safetensors"
-            )
-        except FinetuneDeclined as exc:
-            out["no_match"] = {"declined": str(exc)}
+        outcome, out["finetune_openset"] = run_finetune(set(hidden))
+        save()
+        if outcome.weights is None:
+            out["no_match"] = {"declined": outcome.info["reason"]}
         else:
-            out["finetune_openset"] = {
-                "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-                "validation": result.info["validation"],
-            }  # fmt: skip
-            out["no_match"] = open_set(settings.replace(weights_path=result.path), args.grocery, hidden)
+            out["no_match"] = open_set(settings.replace(weights_path=outcome.weights), args.grocery, hidden)
     save()
     print(json.dumps({k: v for k, v in out.items() if k != "finetune"}, indent=1)[:4000])
     print(f"wrote {args.out}")
