@@ -61,6 +61,34 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     return out
 
 
+def memoize_trunk_maps(folder: Path) -> None:
+    """Make :func:`lookalike.finetune.cache_trunk_maps` keep its result in ``folder`` (safetensors, no pickle)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from lookalike import finetune as ft
+
+    real = ft.cache_trunk_maps
+
+    def cached(extractor, trunk, paths, cfg, device, progress):
+        key = json.dumps([[str(p) for p in paths], cfg.views, cfg.tail_blocks, cfg.seed, list(cfg.crop_scale),
+                          extractor.input_size, extractor.weights_fingerprint])  # fmt: skip
+        path = folder / f"maps-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            logging.info("trunk maps from %s", path)
+            z = load_file(str(path), device=device)
+            return z["maps"], z["ok"].cpu().numpy()
+        import torch
+
+        maps, ok = real(extractor, trunk, paths, cfg, device, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"maps": maps.contiguous(), "ok": torch.from_numpy(ok)}, str(path))
+        return maps, ok
+
+    ft.cache_trunk_maps = cached
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grocery", type=Path, default=DEFAULT_GROCERY)
@@ -72,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, help="skip step 1 and measure these fine-tuned weights")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "finetune_bench.json")
     ap.add_argument("--base-open-set", action="store_true", help="also measure no-match scores of the base model")
+    ap.add_argument(
+        "--maps-cache", type=Path, help="keep the frozen trunk's view maps here (safetensors) and reuse them in later "
+        "runs with the same views / blocks / seed: experiments then time the training only"
+    )  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="evaluate only what tune: finetune builds (LDA on top)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (args.grocery / "catalog").is_dir():
@@ -79,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lookalike import Settings
     from lookalike.evaluation import evaluate
-    from lookalike.finetune import FinetuneConfig, FinetuneDeclined, finetune
+    from lookalike.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(**json.loads(args.config))
+    if args.maps_cache is not None:
+        memoize_trunk_maps(args.maps_cache)
     settings = Settings(
         config_file=None, environ={}, model_name="efficientnet_lite0", data_dir=args.grocery / "catalog",
         cache_dir=args.work / "cache", device=args.device,
@@ -92,18 +127,30 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every step, so that a long run leaves its partial results
         args.out.write_text(json.dumps(out, indent=1))
 
-    if args.weights is None:
+    def run_finetune(exclude=()):
+        """The fine-tune a build with tune: finetune would use (same cache: <work>/cache/finetuned), timed."""
+        from lookalike.finetuned import finetuned_weights
+
         t0, c0 = time.perf_counter(), time.process_time()
-        result = finetune(settings, config=cfg, out_path=args.work / "finetuned.safetensors")
-        out["finetune"] = {
-            "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-            "validation": result.info["validation"], "history": result.info["history"], "sha256": result.sha256,
-        }  # fmt: skip
-        weights = result.path
+        outcome = finetuned_weights(settings, config=cfg, exclude_products=exclude)
+        record = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+        record.update(outcome.info)
+        if outcome.weights is not None:
+            report = json.loads(outcome.weights.with_suffix(".json").read_text())
+            record.update(history=report["history"], refit_history=report.get("refit_history"))
+        return outcome, record
+
+    if args.weights is None:
+        outcome, out["finetune"] = run_finetune()
+        save()
+        if outcome.weights is None:
+            print(f"fine-tuning declined: {outcome.info['reason']}")
+            return 1
+        weights = outcome.weights
     else:
         weights = args.weights
     out["weights"] = str(weights)
-    for tune in (False, True):
+    for tune in (True,) if args.quick else (False, True):
         r = evaluate(
             settings.replace(weights_path=weights, tune=tune), args.grocery / "catalog", args.grocery / "queries",
             iconic_dir=args.grocery / "iconic", leave_one_out=False,
@@ -111,44 +158,38 @@ def main(argv: list[str] | None = None) -> int:
         out[f"eval_tune_{tune}"] = metrics(r)
         logging.info("tune=%s: %s", tune, json.dumps(out[f"eval_tune_{tune}"]))
         save()
-    # The LDA on the fine-tuned features without fit_projection's "held-out recall@1 must not drop" check, which
-    # declines it there for 2 of 656 photos while MAP@R rises 0.88 -> 0.98 (docs/quality.md).
-    from lookalike import tuning
+    if not args.quick:  # the projection's rule now keeps the LDA when it helps; this was the check bypassed
+        # The LDA on the fine-tuned features without fit_projection's "held-out recall@1 must not drop" check, which
+        # declines it there for 2 of 656 photos while MAP@R rises 0.88 -> 0.98 (docs/quality.md).
+        from lookalike import tuning
 
-    def plain_lda(raw, labels, dim):
-        mean, matrix = tuning.lda(raw, labels, tuning.SHRINKAGE)
-        return tuning.Projection(mean, matrix, {"method": "lda", "dim": int(matrix.shape[1]), "check": "none"})
+        def plain_lda(raw, labels, dim):
+            mean, matrix = tuning.lda(raw, labels, tuning.SHRINKAGE)
+            return tuning.Projection(mean, matrix, {"method": "lda", "dim": int(matrix.shape[1]), "check": "none"})
 
-    checked, tuning.fit_projection = tuning.fit_projection, plain_lda
-    try:
-        r = evaluate(
-            settings.replace(weights_path=weights, tune=True), args.grocery / "catalog", args.grocery / "queries",
-            iconic_dir=args.grocery / "iconic", leave_one_out=False,
-        )  # fmt: skip
-    finally:
-        tuning.fit_projection = checked
-    out["eval_lda_unchecked"] = metrics(r)
-    logging.info("LDA without the check: %s", json.dumps(out["eval_lda_unchecked"]))
-    save()
+        checked, tuning.fit_projection = tuning.fit_projection, plain_lda
+        try:
+            r = evaluate(
+                settings.replace(weights_path=weights, tune=True), args.grocery / "catalog", args.grocery / "queries",
+                iconic_dir=args.grocery / "iconic", leave_one_out=False,
+            )  # fmt: skip
+        finally:
+            tuning.fit_projection = checked
+        out["eval_lda_unchecked"] = metrics(r)
+        logging.info("LDA without the check: %s", json.dumps(out["eval_lda_unchecked"]))
+        save()
     if args.leave_out:
         hidden = hidden_products(args.grocery, args.leave_out, args.seed)
         out["hidden_products"] = hidden
         if args.base_open_set:
             out["no_match_base"] = open_set(settings, args.grocery, hidden)
             save()
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            result = finetune(
-                settings, config=cfg, exclude_products=set(hidden), out_path=args.work / "finetuned-openset.safetensors"
-            )
-        except FinetuneDeclined as exc:
-            out["no_match"] = {"declined": str(exc)}
+        outcome, out["finetune_openset"] = run_finetune(set(hidden))
+        save()
+        if outcome.weights is None:
+            out["no_match"] = {"declined": outcome.info["reason"]}
         else:
-            out["finetune_openset"] = {
-                "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-                "validation": result.info["validation"],
-            }  # fmt: skip
-            out["no_match"] = open_set(settings.replace(weights_path=result.path), args.grocery, hidden)
+            out["no_match"] = open_set(settings.replace(weights_path=outcome.weights), args.grocery, hidden)
     save()
     print(json.dumps({k: v for k, v in out.items() if k != "finetune"}, indent=1)[:4000])
     print(f"wrote {args.out}")

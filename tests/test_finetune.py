@@ -106,3 +106,48 @@ def test_cli_tune_finetune_reports_a_decline(big_catalog: Path, tmp_path: Path, 
     args = ["tune", "--method", "finetune", "--model-name", "test_tiny", "--data-dir", str(big_catalog)]
     assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "fine-tuning declined: on held-out catalog photos" in capsys.readouterr().out
+
+
+def test_refit_on_all_photos_trains_again_for_the_chosen_epochs(big_catalog: Path, make_settings, tmp_path: Path):
+    settings = make_settings(data_dir=big_catalog)
+    base = dict(epochs=3, views=2, batch_size=16, lr=1e-2, require_gain=False, patience=5)
+    plain = ft.finetune(settings, config=ft.FinetuneConfig(**base), out_path=tmp_path / "a.safetensors", progress=False)
+    refit = ft.finetune(
+        settings, config=ft.FinetuneConfig(**base, refit_all=True), out_path=tmp_path / "b.safetensors", progress=False
+    )
+    best = refit.info["validation"]["finetuned"]["epoch"]
+    assert plain.info["refit_history"] == [] and best == plain.info["validation"]["finetuned"]["epoch"]
+    assert best > 1  # past the warm-up (held-out ties go to the more trained epoch), so the refit runs
+    assert [h["epoch"] for h in refit.info["refit_history"]] == list(range(1, best + 1))
+    assert refit.sha256 != plain.sha256  # the held-out photos changed the kept weights
+    assert refit.info["validation"] == plain.info["validation"]  # judged before the refit, on photos it had not seen
+
+
+def test_arcface_loss_trains_and_an_unknown_loss_is_refused(big_catalog: Path, make_settings, tmp_path: Path):
+    settings = make_settings(data_dir=big_catalog)
+    cfg = ft.FinetuneConfig(epochs=2, views=1, batch_size=16, require_gain=False, loss="arcface", margin=0.2)
+    result = ft.finetune(settings, config=cfg, out_path=tmp_path / "arc.safetensors", progress=False)
+    assert all(np.isfinite(h["loss"]) for h in result.info["history"])
+    with pytest.raises(ValueError, match="unknown fine-tune loss 'triplet'"):
+        ft.finetune(settings, config=ft.FinetuneConfig(epochs=1, views=1, loss="triplet"), progress=False)
+
+
+def test_simulated_unknowns_push_towards_a_uniform_answer():
+    # the loss of a photo of a hidden product is lowest when it resembles every known product equally
+    cfg = ft.FinetuneConfig(unknown_fraction=0.5, unknown_weight=1.0, margin=0.0)
+    proxies = torch.eye(4)
+    known = torch.tensor([True, True, True, False])
+    target = torch.tensor([3])
+    uniform = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), dim=1)
+    leaning = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0.2, 0.0]]), dim=1)
+    assert ft._proxy_loss(uniform, proxies, target, cfg, known) < ft._proxy_loss(leaning, proxies, target, cfg, known)
+    # a known product's photo is classified among the known products only
+    photo = torch.nn.functional.normalize(torch.tensor([[0.1, 0.3, 0.1, 0.3]]), dim=1)  # as close to p3 as to p1
+    masked = ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg, known)
+    assert float(masked) < float(ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg)) - 0.5
+
+
+def test_finetune_with_simulated_unknowns_runs(big_catalog: Path, make_settings, tmp_path: Path):
+    cfg = ft.FinetuneConfig(epochs=3, views=1, batch_size=16, require_gain=False, unknown_fraction=0.25)
+    result = ft.finetune(make_settings(data_dir=big_catalog), config=cfg, out_path=tmp_path / "u.st", progress=False)
+    assert len(result.info["history"]) >= 2 and all(np.isfinite(h["loss"]) for h in result.info["history"])

@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("lda", "finetune"),
         default="lda",
         help="lda: a projection over the frozen features (seconds); finetune: train the backbone's last block on "
-        "the catalog (minutes) and write a checkpoint for weights_path",
+        "the catalog (minutes), then reindex with it and the projection (as tune: finetune)",
     )
-    p.add_argument("--out", metavar="FILE", help="finetune: where to write the checkpoint (.safetensors)")
+    p.add_argument("--out", metavar="FILE", help="finetune: only write the checkpoint here (.safetensors), no reindex")
 
     p = command("doctor", "check the catalog: duplicates, mislabels, outliers, blur")
     p.add_argument("--catalog", help="catalog folder to check (default: data_dir)")
@@ -190,6 +190,10 @@ def cmd_index(args, settings: Settings) -> int:
     print(_tuning_line(report.tuning))
     if report.records.get("source") or report.records.get("error"):
         print("\n".join(cli_products.records_lines(report.records, settings.data_dir)))
+    if report.tuning.get("finetune"):
+        from .finetuned import describe
+
+        print(describe(report.tuning["finetune"]))
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

@@ -32,6 +32,10 @@ def cmd_eval(args, settings: Settings) -> int:
         for name, p in result["protocols"].items()
     ]
     print(_table(rows, ["protocol", "queries", *keys]))
+    if result["tuning"].get("finetune"):
+        from .finetuned import describe
+
+        print(describe(result["tuning"]["finetune"]))
     if "no_match" in result:
         from .evaluation import describe_no_match
 
@@ -92,6 +96,24 @@ def cmd_doctor(args, settings: Settings) -> int:
 
 
 def _cmd_finetune(args, settings: Settings) -> int:
+    if args.out:  # only the checkpoint, for use elsewhere (weights_path)
+        return _export_finetuned(args, settings)
+    from .engine import ImageSearchEngine
+
+    report = ImageSearchEngine(settings).build_index(tune="finetune")
+    info = report.tuning.get("finetune") or {}
+    if info.get("status") != "finetuned":
+        print(f"fine-tuning declined: {info.get('reason')}; the index was rebuilt with the projection (tune: true)")
+        return 0
+    from .finetuned import describe
+
+    print(describe(info))
+    print(f"Index rebuilt with it: {report.images} images. Later builds keep tune: finetune and reuse the model "
+          "while the catalog is unchanged.")  # fmt: skip
+    return 0
+
+
+def _export_finetuned(args, settings: Settings) -> int:
     from .finetune import FinetuneDeclined, finetune
 
     try:
@@ -107,5 +129,5 @@ def _cmd_finetune(args, settings: Settings) -> int:
         f"products in {secs['wall']:.0f} s: on held-out catalog photos MAP@R {val['untuned']['map@r']:.3f} untuned, "
         f"{val['lda']['map@r']:.3f} LDA, {best:.3f} fine-tuned.\nwrote {result.path} ({result.fingerprint})"
     )
-    print(f"Use it: set weights_path: {result.path} (LOOKALIKE_WEIGHTS_PATH) and tune: true, then `lookalike index`.")
+    print(f"Use it elsewhere with weights_path: {result.path}; here, tune: finetune builds and reuses it itself.")
     return 0

@@ -68,21 +68,34 @@ def undo(step: Callable[[], Any]) -> None:
         logger.exception("could not undo a step of a failed catalog change")
 
 
-def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | None):
+def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bool | None):
     """Index every image of the catalog into ``store`` (the engine holds the writer lock); see build_index."""
+    from dataclasses import replace
+
     from .cache import embed_with_cache
     from .catalog import find_duplicates, scan_catalog
+    from .finetuned import finetuned_weights
     from .manifest import build_manifest, save_projection
+    from .settings import TUNE_FINETUNE, parse_tune
     from .tuning import adapt
 
     start = time.perf_counter()
-    settings, extractor = engine.settings, engine.extractor
+    settings = engine.settings
     if tune is None:  # tuning is a property of the index: a rebuild keeps it unless told tune=False
         previously = ((store.manifest() or {}).get("tuning") or {}).get("status") == "tuned"
         tune = settings.tune if "tune" in settings.explicit else settings.tune or previously
         if previously:
             logger.info("keeping catalog tuning: the previous index was tuned (build with tune=False to drop it)")
+    else:
+        tune = parse_tune(tune)  # the setting's checks and spelling
+    if tune != settings.tune:  # what this build did is what the index records, and what a rebuild keeps
+        settings = engine.settings = settings.replace(tune=tune)
     images = scan_catalog(settings.data_dir)
+    finetune = None
+    if tune == TUNE_FINETUNE:  # fine-tuned weights (trained now, or reused), else the LDA alone with the reason
+        finetune = finetuned_weights(settings, data_dir=engine.data_root, images=images, progress=progress)
+    engine._use_weights(finetune.weights if finetune is not None else None)
+    extractor = engine.extractor
     duplicates = [  # byte-identical photos filed under two or more products (find_duplicates warns about each)
         [im.path.relative_to(engine.data_root).as_posix() for im in group] for group in find_duplicates(images)
     ]
@@ -97,6 +110,8 @@ def rebuild(engine, store, *, force: bool, tune: bool | None, progress: bool | N
     rel = [images[i].path.relative_to(engine.data_root).as_posix() for i in good]
     labels = [images[i].product_id for i in good]
     adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=tune)
+    if finetune is not None:
+        adaptation = replace(adaptation, tuning={**adaptation.tuning, "finetune": finetune.info})
     fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
     records, records_report = catalog_records(engine.data_root, labels, store.records())
     with Edit(engine, store) as edit:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import edits, files, products, searching
+from . import edits, files, finetuned, products, searching
 from . import manifest as manifests
 from .cache import EmbeddingCache, embed_with_cache
 from .imaging import ImageSource
@@ -47,6 +47,8 @@ class ImageSearchEngine:
     def __init__(self, settings: Settings | None = None, *, extractor=None):
         self.settings = settings if settings is not None else Settings()
         self._extractor = extractor
+        self._own_extractor = extractor is None  # made here, so made again when the settings or weights change
+        self._weights: Path | None = None  # the fine-tuned checkpoint the index uses (tune: finetune); None: base
         self._store: VectorStore | None = None
         self._adaptation = Adaptation()
         self._counts: dict[str, int] = {}
@@ -58,12 +60,24 @@ class ImageSearchEngine:
 
     @property
     def extractor(self):
-        """The model, loaded on first use (after the index's recorded settings were adopted)."""
+        """The model, loaded on first use (after the index's recorded settings were adopted), with the fine-tuned
+        weights when the index was built with them (``tune: finetune``)."""
         if self._extractor is None:
             from .embedding import FeatureExtractor
 
-            self._extractor = FeatureExtractor(self.settings)
+            weights = self._weights
+            self._extractor = FeatureExtractor(
+                self.settings if weights is None else self.settings.replace(weights_path=weights)
+            )
+            self._own_extractor = True
         return self._extractor
+
+    def _use_weights(self, weights: Path | None) -> None:
+        """Extract with ``weights`` (a fine-tuned checkpoint) from now on, or with the settings' own (None)."""
+        if weights != self._weights:
+            self._weights = weights
+            if self._own_extractor:
+                self._extractor = None
 
     @property
     def data_root(self) -> Path:
@@ -143,7 +157,8 @@ class ImageSearchEngine:
         """Open the configured store; adopt the settings its manifest recorded (the index is the source of truth)."""
         device = self._extractor.device if self._extractor is not None else search_device(self.settings)
         store, adopted = manifests.open_adopting(self.settings, device, adopt=manifest_settings, rebuild=rebuild)
-        if adopted != self.settings and getattr(self._extractor, "settings", None) is self.settings:
+        ours = self._own_extractor or getattr(self._extractor, "settings", None) is self.settings
+        if adopted != self.settings and ours:
             self._extractor = None  # made again, from the adopted settings
         self.settings = adopted
         return store
@@ -166,6 +181,7 @@ class ImageSearchEngine:
         if store.refresh():
             manifest = store.manifest() or {}
             logger.info("serving generation %s committed by another process", manifest.get("build_id"))
+            self._use_weights(finetuned.checkpoint_of(manifest.get("tuning"), self.settings.cache_dir))
             if self._extractor is not None:
                 manifests.warn_other_model(manifest, self._extractor.describe(), self.settings.similarity_metric)
             self._install(store)
@@ -181,13 +197,15 @@ class ImageSearchEngine:
     # --- building ---------------------------------------------------------------------------------------
 
     def build_index(
-        self, force_rebuild: bool = False, *, tune: bool | None = None, progress: bool | None = None
+        self, force_rebuild: bool = False, *, tune: bool | str | None = None, progress: bool | None = None
     ) -> BuildReport:
         """Index every image of the catalog, reusing cached features of unchanged images unless ``force_rebuild``.
 
-        ``tune`` (default: the ``tune`` setting, or on when the previous index was tuned) fits a projection on the
-        catalog's own product labels first (:mod:`lookalike.tuning`). Bad images are skipped and reported, never
-        fatal. All or nothing: on failure the index and the cache are as before.
+        ``tune`` (default: the ``tune`` setting, or what the previous index had) fits a projection on the
+        catalog's own product labels first (:mod:`lookalike.tuning`); ``"finetune"`` fine-tunes the backbone's
+        last block on them before (:mod:`lookalike.finetuned`: trained once per catalog content, then reused) and
+        extracts with it, or falls back to the projection with the reason in the report. Bad images are skipped
+        and reported, never fatal. All or nothing: on failure the index and the cache are as before.
         """
         with files.catalog_lock(self.settings.cache_dir):
             store = self._open(manifest_settings=True, rebuild=True)
@@ -204,6 +222,7 @@ class ImageSearchEngine:
         store = self._open(manifest_settings=True)
         where = self.settings.metadata_path
         manifest = manifests.require_index(store, where)
+        self._use_weights(finetuned.require_checkpoint(manifest, self.settings.cache_dir, where))
         manifests.check_model(manifest, self.extractor.describe(), self.settings.similarity_metric, where)
         self._install(store)
         logger.info("loaded index %s: %d images", manifest.get("build_id"), store.count())

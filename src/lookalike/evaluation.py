@@ -28,7 +28,7 @@ import numpy as np
 from .catalog import scan_catalog
 from .ranking import average_precision_at_r as _ap
 from .ranking import score_products
-from .settings import Settings
+from .settings import TUNE_FINETUNE, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,17 @@ def evaluate(
 
     Only the embedding cache in ``cache_dir`` is written; the user's index files are not touched. A tuned
     projection is fitted on catalog images only, so leave-one-out of a tuned index scores images the fit saw.
+    With ``tune: finetune`` the backbone is fine-tuned on ``catalog_dir`` first (or its checkpoint for that catalog
+    reused from ``cache_dir/finetuned``), and for ``leave_out_products`` fine-tuned again without the left-out
+    products, so that "not in my catalog" is measured on products the network never saw.
     """
     from .embedding import FeatureExtractor
     from .engine import ImageSearchEngine
 
     start = time.perf_counter()
+    base_settings, finetune_info = settings, None
+    if settings.tune == TUNE_FINETUNE:
+        settings, finetune_info = _with_finetuned(settings, catalog_dir, progress=progress)
     eval_settings = settings.replace(data_dir=Path(catalog_dir))
     extractor = FeatureExtractor(eval_settings)
     catalog = embed_folder(extractor, eval_settings, catalog_dir, progress=progress)
@@ -320,7 +326,7 @@ def evaluate(
         "iconic": None if iconic_dir is None else str(Path(iconic_dir)),
         "model": extractor.describe(),
         "metric": settings.similarity_metric,
-        "tuning": adaptation.tuning,
+        "tuning": adaptation.tuning if finetune_info is None else {**adaptation.tuning, "finetune": finetune_info},
         "calibration": adaptation.calibration,
         "catalog_images": len(catalog.labels),
         "catalog_products": len(set(catalog.labels)),
@@ -331,7 +337,16 @@ def evaluate(
         probe = query_sets.get(PROTOCOL_QUERIES)
         if probe is None:
             raise ValueError("measuring 'not in my catalog' (leave_out_products) needs a queries folder")
-        result["no_match"] = _no_match_run(eval_settings, extractor, catalog, probe, leave_out_products, seed)
+        hidden = _hidden_choice(catalog.labels, probe.labels, leave_out_products, seed)
+        if finetune_info is not None:  # a network that never saw the left-out products, and its own vectors
+            ft_settings, info = _with_finetuned(base_settings, catalog_dir, exclude=hidden, progress=progress)
+            eval_settings = ft_settings.replace(data_dir=Path(catalog_dir))
+            extractor = FeatureExtractor(eval_settings)
+            catalog = embed_folder(extractor, eval_settings, catalog_dir, progress=progress)
+            probe = embed_folder(extractor, eval_settings, queries_dir, progress=progress)
+        result["no_match"] = _no_match_run(eval_settings, extractor, catalog, probe, hidden)
+        if finetune_info is not None:
+            result["no_match"]["finetune"] = info
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -347,16 +362,30 @@ def describe_no_match(nm: dict[str, Any]) -> str:
     return line
 
 
-def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet, n_out: int, seed: int) -> dict:
-    """Leave ``n_out`` products out of the index and score how well "no match" tells their photos apart."""
+def _with_finetuned(settings: Settings, catalog_dir, *, exclude=(), progress=None) -> tuple[Settings, dict]:
+    """``settings`` extracting with the weights fine-tuned on ``catalog_dir`` (without ``exclude``) and the LDA on
+    top (tune true), and the fine-tune's record; the base weights and the LDA alone when it declines."""
+    from .finetuned import finetuned_weights
+
+    outcome = finetuned_weights(settings, data_dir=catalog_dir, exclude_products=exclude, progress=progress)
+    weights = outcome.weights if outcome.weights is not None else settings.weights_path
+    return settings.replace(weights_path=weights, tune=True), outcome.info
+
+
+def _hidden_choice(catalog_labels, probe_labels, n_out: int, seed: int) -> set[str]:
+    """The ``n_out`` products (seeded choice among those with query photos) that "not in my catalog" leaves out."""
+    candidates = sorted(set(probe_labels) & set(catalog_labels))
+    if n_out >= len(set(catalog_labels)) or n_out > len(candidates):
+        raise ValueError(f"cannot leave {n_out} products out: the catalog has {len(set(catalog_labels))}")
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(candidates, n_out, replace=False).tolist())
+
+
+def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet, hidden: set[str]) -> dict:
+    """Leave ``hidden`` products out of the index and score how well "no match" tells their photos apart."""
     from .engine import ImageSearchEngine
     from .tuning import auroc
 
-    candidates = sorted(set(probe.labels) & set(catalog.labels))
-    if n_out >= len(set(catalog.labels)) or n_out > len(candidates):
-        raise ValueError(f"cannot leave {n_out} products out: the catalog has {len(set(catalog.labels))}")
-    rng = np.random.default_rng(seed)
-    hidden = set(rng.choice(candidates, n_out, replace=False).tolist())
     keep = [i for i, y in enumerate(catalog.labels) if y not in hidden]
     root = Path(settings.data_dir).expanduser().resolve()
     engine = ImageSearchEngine.from_vectors(

@@ -60,7 +60,11 @@ class FinetuneConfig:
     proxy_lr: float = 1e-2
     weight_decay: float = 1e-4
     scale: float = 24.0  # cosine-logit scale (1 / temperature)
-    margin: float = 0.1  # CosFace margin subtracted from the true product's cosine; 0: plain normalised softmax
+    margin: float = 0.1  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
+    loss: str = "cosface"  # cosface or arcface; with margin 0 both are the plain normalised softmax
+    refit_all: bool = False  # after early stopping, train again on every photo for the chosen number of epochs
+    unknown_fraction: float = 0.0  # share of products treated as unknown in each trained epoch (0: none)
+    unknown_weight: float = 0.5  # weight of their push towards a uniform answer (outlier exposure)
     patience: int = 3  # epochs without a better held-out MAP@R before stopping
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
@@ -220,6 +224,38 @@ def _raw(tail, maps, pooling: str, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, known=None):
+    """Normalised softmax over the product proxies, with the configured margin on the true product's logit:
+    CosFace subtracts it from the cosine, ArcFace adds it to the angle.
+
+    ``known`` (a bool mask over products; None: all known) simulates unknown products: their proxies leave the
+    softmax, and their photos are pushed towards a uniform answer over the known ones (outlier exposure, weighted
+    ``cfg.unknown_weight``), so that a product the network never saw resembles no catalog product in particular."""
+    import torch
+
+    cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
+    onehot = torch.nn.functional.one_hot(target, proxies.shape[0]).to(cos.dtype)
+    if cfg.loss == "arcface":
+        theta = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+        cos = torch.where(onehot.bool(), torch.cos(theta + cfg.margin), cos)
+    elif cfg.loss == "cosface":
+        cos = cos - cfg.margin * onehot
+    else:
+        raise ValueError(f"unknown fine-tune loss {cfg.loss!r}: expected cosface or arcface")
+    logits = cfg.scale * cos
+    if known is None:
+        return torch.nn.functional.cross_entropy(logits, target)
+    logits = logits.masked_fill(~known, float("-inf"))
+    seen = known[target]
+    loss = logits.new_zeros(())
+    if seen.any():
+        loss = loss + torch.nn.functional.cross_entropy(logits[seen], target[seen])
+    if (~seen).any():
+        logp = torch.log_softmax(logits[~seen], dim=1)[:, known]
+        loss = loss + cfg.unknown_weight * (-logp.mean(dim=1)).mean()
+    return loss
+
+
 def finetune(
     settings: Settings,
     *,
@@ -284,76 +320,90 @@ def finetune(
     # Proxies start at the products' mean embedding, so the warm-up only polishes them.
     emb0 = torch.nn.functional.normalize(torch.from_numpy(raw0[:, : extractor.dim]), dim=1)
     init = torch.zeros(len(products), extractor.dim).index_add_(0, torch.from_numpy(y), emb0)
-    proxies = torch.nn.Parameter(torch.nn.functional.normalize(init, dim=1).to(device))
+    init = torch.nn.functional.normalize(init, dim=1).to(device)
     y_t = torch.from_numpy(y).to(device)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(
-        [{"params": params, "lr": cfg.lr}, {"params": [proxies], "lr": cfg.proxy_lr, "weight_decay": 0.0}],
-        weight_decay=cfg.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(fit_rows) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 1.0 if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
-    )
-    rng = np.random.default_rng(cfg.seed + 1)
-    best = {"epoch": 0, **base}
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = []
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="step", desc="fine-tune: training", disable=progress is False)
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
-        frozen = epoch <= cfg.warmup_epochs
-        for p in params:
-            p.requires_grad_(not frozen)
-        order = rng.permutation(fit_rows)
-        views = rng.integers(0, cfg.views, len(order))
-        losses = []
-        for s in range(0, len(order), cfg.batch_size):
-            rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
-            v = torch.from_numpy(views[s : s + cfg.batch_size]).to(device)
-            x = maps[rows, v].float()
-            if frozen:
-                with torch.no_grad():
+    def train(train_rows: np.ndarray, epochs: int, watch: bool, desc: str):
+        """Train from the base weights on ``train_rows`` for up to ``epochs``; with ``watch``, validate after each
+        epoch and keep the best (early stopping). Returns (best, its state dict, history)."""
+        model.load_state_dict(init_state)
+        proxies = torch.nn.Parameter(init.clone())
+        opt = torch.optim.AdamW(
+            [{"params": params, "lr": cfg.lr}, {"params": [proxies], "lr": cfg.proxy_lr, "weight_decay": 0.0}],
+            weight_decay=cfg.weight_decay,
+        )
+        steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+        total = epochs * steps_per_epoch
+        warm = cfg.warmup_epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 1.0 if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+        )
+        rng = np.random.default_rng(cfg.seed + 1)
+        best = {"epoch": 0, **base}
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history = []
+        bar = tqdm(total=total, unit="step", desc=desc, disable=progress is False)
+        for epoch in range(1, epochs + 1):
+            frozen = epoch <= cfg.warmup_epochs
+            for p in params:
+                p.requires_grad_(not frozen)
+            order = rng.permutation(train_rows)
+            views = rng.integers(0, cfg.views, len(order))
+            known = None
+            if cfg.unknown_fraction > 0 and not frozen:  # a fresh group of simulated unknowns each epoch
+                hide = rng.choice(len(products), max(1, int(round(cfg.unknown_fraction * len(products)))), False)
+                known = torch.ones(len(products), dtype=torch.bool, device=device)
+                known[torch.from_numpy(hide).to(device)] = False
+            losses = []
+            for s in range(0, len(order), cfg.batch_size):
+                rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
+                v = torch.from_numpy(views[s : s + cfg.batch_size]).to(device)
+                x = maps[rows, v].float()
+                with torch.set_grad_enabled(not frozen):
                     main, _ = tail(x)
-            else:
-                main, _ = tail(x)
-            emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
-            cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
-            target = y_t[rows]
-            cos = cos - cfg.margin * torch.nn.functional.one_hot(target, len(products))
-            loss = torch.nn.functional.cross_entropy(cfg.scale * cos, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-        q, _ = validate()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **q})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", map_r=f"{q['map@r']:.3f}")
-        logger.info("fine-tune epoch %d: loss %.3f, held-out recall@1 %.3f, MAP@R %.3f", epoch,
-                    np.mean(losses), q["product_recall@1"], q["map@r"])  # fmt: skip
-        if q["map@r"] > best["map@r"] or (q["map@r"] == best["map@r"] and not frozen):  # ties: the more trained
-            best = {"epoch": epoch, **q}
+                emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
+                loss = _proxy_loss(emb, proxies, y_t[rows], cfg, known)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+            record = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if not watch:
+                history.append(record)
+                continue
+            q, _ = validate()
+            history.append({**record, **q})
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", map_r=f"{q['map@r']:.3f}")
+            logger.info("fine-tune epoch %d: loss %.3f, held-out recall@1 %.3f, MAP@R %.3f", epoch,
+                        np.mean(losses), q["product_recall@1"], q["map@r"])  # fmt: skip
+            if q["map@r"] > best["map@r"] or (q["map@r"] == best["map@r"] and not frozen):  # ties: the more trained
+                best = {"epoch": epoch, **q}
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best["epoch"] >= cfg.patience and epoch > cfg.warmup_epochs:
+                logger.info("fine-tune: no better held-out MAP@R for %d epochs; stopping", cfg.patience)
+                break
+        bar.close()
+        for p in params:
+            p.requires_grad_(False)
+        if not watch:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best["epoch"] >= cfg.patience and epoch > cfg.warmup_epochs:
-            logger.info("fine-tune: no better held-out MAP@R for %d epochs; stopping", cfg.patience)
-            break
-    bar.close()
-    for p in params:
-        p.requires_grad_(False)
+        return best, best_state, history
+
+    best, best_state, history = train(fit_rows, cfg.epochs, True, "fine-tune: training")
     model.load_state_dict(best_state)
     _, raw_ft = validate()
     mean, matrix = lda(raw_ft[fit_rows], labels[fit_rows], SHRINKAGE)
     ft_lda = holdout_quality(
         (raw_ft[fit_rows] - mean) @ matrix, labels[fit_rows], (raw_ft[val_rows] - mean) @ matrix, labels[val_rows]
     )
+    refit_history: list = []
+    if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
+        # The held-out photos chose the epoch count and judged the model; the kept model learns from them too.
+        _, best_state, refit_history = train(np.arange(len(labels)), best["epoch"], False, "fine-tune: refit on all")
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     info = {
         "method": "finetune",
@@ -366,6 +416,7 @@ def finetune(
         "excluded_products": sorted(exclude_products),
         "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda},
         "history": history,
+        "refit_history": refit_history,
         "seconds": {"wall": round(wall, 3), "cpu": round(cpu, 3), "cache_wall": round(cache_s, 3)},
         "device": device,
     }

@@ -120,12 +120,15 @@ def rank(
     root: Path,
     where: Any = None,
     total: int | None = None,
+    image_threshold: float | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The engine's results for query vectors already in index space, from any VectorStore: images, or products
     scored as above (over-fetching until settled). Each result is a dict with ``rank``, ``product_id``,
     ``similarity``, ``image_id``, ``image_path`` (under ``root``); products add ``image_similarity`` and, when
-    ``threshold`` is known, ``match``; l2 adds ``distance``. ``where`` (a :class:`~lookalike.stores.StoreFilter`)
-    limits the search to its products' images, ``total`` of them (default: the whole store)."""
+    ``threshold`` is known, ``match``; images add ``match`` when ``image_threshold`` (calibrated on the best
+    single image similarity, not on the product score) is known; l2 adds ``distance``. ``where`` (a
+    :class:`~lookalike.stores.StoreFilter`) limits the search to its products' images, ``total`` of them (default:
+    the whole store)."""
     total = store.count() if total is None else total
     if total == 0:
         return [[] for _ in range(len(vectors))]
@@ -146,6 +149,8 @@ def rank(
             for res, h in zip(results, kept):
                 if h.distance is not None:
                     res["distance"] = h.distance
+                if image_threshold is not None:
+                    res["match"] = bool(h.score >= image_threshold)
             out.append(results)
         return out
 

@@ -55,6 +55,7 @@ def rank(
         images_per_product=counts,
         threshold=adaptation.threshold,
         root=root,
+        image_threshold=adaptation.image_threshold,
         **options,
     )
 
@@ -87,7 +88,7 @@ def search_vectors(
     """The engine's ``search_vectors`` on checked vectors; ``dim`` is the extractor's (unused by a tuned index)."""
     queries = adaptation.transform(vectors, dim if adaptation.projection is None else 0)
     results = rank(store, adaptation, counts, root, queries, top_k, by_product, min_similarity, where)
-    if only_matches and adaptation.threshold is not None:
+    if only_matches:  # results carry "match" when their kind (product or image) is calibrated
         results = [[h for h in hits if h.get("match", True)] for hits in results]
     return results
 

@@ -59,7 +59,9 @@ class Settings:
     model_name: str = "efficientnet_lite0"
     similarity_metric: str = "cosine"
     pooling: str = "center"  # "center": centre-weighted average of the feature map; "avg": plain average
-    tune: bool = True  # build_index fits a projection on the catalog's own product labels (lookalike tune)
+    # build_index learns from the catalog's own product labels: true: a projection (LDA, seconds); "finetune": trains
+    # the backbone's last block first (minutes, cached), then the projection on top; false: neither
+    tune: bool | str = True
     data_dir: Path = Path("data")
     cache_dir: Path = Path("cache")
     index_file: Path | None = None  # default: <cache_dir>/index.faiss
@@ -219,6 +221,24 @@ def _as_bool(name: str, value: Any) -> bool:
     raise SettingsError(f"{name}={value!r} is not allowed: expected true or false")
 
 
+TUNE_FINETUNE = "finetune"
+
+
+def parse_tune(value: Any) -> bool | str:
+    """A ``tune`` value as the setting holds it (True, False or "finetune"); SettingsError otherwise."""
+    return _as_tune("tune", value)
+
+
+def _as_tune(name: str, value: Any) -> bool | str:
+    """``tune``: true (the LDA projection), false, or "finetune" (the backbone's last block, then the LDA)."""
+    if isinstance(value, str) and value.strip().lower() == TUNE_FINETUNE:
+        return TUNE_FINETUNE
+    try:
+        return _as_bool(name, value)
+    except SettingsError:
+        raise SettingsError(f"{name}={value!r} is not allowed: expected true, false or finetune") from None
+
+
 def _as_path(name: str, value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or str(value).strip() == "":
         raise SettingsError(f"{name}={value!r} is not allowed: expected a file system path")
@@ -292,8 +312,10 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = _as_path(name, value)
         elif name in {"index_file", "metadata_file", "weights_path"}:
             out[name] = None if _is_unset(value) else _as_path(name, value)
-        elif name in {"pretrained", "tune"}:
+        elif name == "pretrained":
             out[name] = _as_bool(name, value)
+        elif name == "tune":
+            out[name] = _as_tune(name, value)
         elif name == "host":
             text = str(value).strip()
             if not _HOST_RE.match(text):

@@ -10,7 +10,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model_name": "the backbone network that turns photos into vectors",
     "similarity_metric": "cosine (angle between vectors) or l2 (distance)",
     "pooling": "center (centre-weighted, best on product photos) or avg (plain average)",
-    "tune": "fit a projection on the catalog's own products when it helps (its held-out check decides)",
+    "tune": "learn the catalog's products when it helps: true (a projection), finetune (the network too) or false",
     "data_dir": "the catalog folder: <data_dir>/<product_id>/<images>",
     "cache_dir": "where the index, its manifest, cached vectors and exported models are kept",
     "index_file": "base name of the index files: each build writes <stem>-<build id>.faiss beside it",
