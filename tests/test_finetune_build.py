@@ -276,3 +276,23 @@ def test_an_index_without_an_image_threshold_leaves_image_hits_unmarked(make_set
     hits = engine.search(query, top_k=4, by_product=False, only_matches=True)
     assert len(hits) == 4 and all("match" not in h for h in hits)
     assert all("match" in h for h in engine.search(query, top_k=4))  # products still are
+
+
+def test_a_failed_finetune_build_keeps_the_model_of_its_index(eight, make_settings, monkeypatch, tmp_path):
+    import lookalike.tuning as tuning
+
+    monkeypatch.setattr(finetuned, "default_config", lambda: TRAINS)
+    engine = ImageSearchEngine(make_settings(data_dir=eight, tune=False))
+    engine.build_index()
+    base = engine.extractor.weights_fingerprint
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tuning, "adapt", broken)
+    with pytest.raises(OSError):
+        engine.build_index(tune="finetune")
+    assert engine.extractor.weights_fingerprint == base and engine.settings.tune is False
+    query = tmp_path / "q.jpg"
+    product_image(5, 80).save(query)
+    assert engine.search(query, top_k=1)[0]["product_id"] == "p5"  # still searches its (untouched) index

@@ -210,7 +210,13 @@ class ImageSearchEngine:
         with files.catalog_lock(self.settings.cache_dir):
             store = self._open(manifest_settings=True, rebuild=True)
             edits.recover(self.settings.cache_dir, store)
-            return edits.rebuild(self, store, force=force_rebuild, tune=tune, progress=progress)
+            settings, weights = self.settings, self._weights
+            try:
+                return edits.rebuild(self, store, force=force_rebuild, tune=tune, progress=progress)
+            except BaseException:  # the index is as before: so is the model that searches it
+                self.settings = settings
+                self._use_weights(weights)
+                raise
 
     def load_index(self) -> None:
         """Open the saved index (production mode): no catalog scan, no image decoding.
