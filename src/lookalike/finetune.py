@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import outliers
 from .catalog import scan_catalog
 from .files import atomic_write_bytes
 from .imaging import ImageError, open_image
@@ -65,6 +66,12 @@ class FinetuneConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
     require_gain: bool = True  # decline unless it beats the LDA on held-out photos (False: save it regardless)
+    # Simulated unknowns (lookalike.outliers): each epoch after warm-up this share of the products plays "unknown";
+    # 0 turns it off. unknown_loss: "uniform" (outlier exposure) or "energy" (hinge at unknown_margin).
+    unknown_fraction: float = 0.0
+    unknown_loss: str = "energy"
+    unknown_weight: float = 1.0
+    unknown_margin: float = 0.4
 
 
 @dataclass
@@ -241,6 +248,7 @@ def finetune(
     from .embedding import FeatureExtractor
 
     cfg = config or FinetuneConfig()
+    outliers.check_config(cfg.unknown_fraction, cfg.unknown_loss, cfg.unknown_weight)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     root = Path(data_dir if data_dir is not None else settings.data_dir).expanduser().resolve()
     images = [im for im in scan_catalog(root) if im.product_id not in exclude_products]
@@ -299,6 +307,7 @@ def finetune(
         opt, lambda s: 1.0 if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
     rng = np.random.default_rng(cfg.seed + 1)
+    rng_unknown = np.random.default_rng(cfg.seed + 2)  # its own stream: unknown_fraction 0 trains as before
     best = {"epoch": 0, **base}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history = []
@@ -312,7 +321,9 @@ def finetune(
             p.requires_grad_(not frozen)
         order = rng.permutation(fit_rows)
         views = rng.integers(0, cfg.views, len(order))
-        losses = []
+        unknown = None if frozen else outliers.pick_unknown(len(products), cfg.unknown_fraction, rng_unknown)
+        unknown_t = torch.from_numpy(unknown).to(device) if unknown is not None and unknown.any() else None
+        losses, unknown_cos = [], []
         for s in range(0, len(order), cfg.batch_size):
             rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
             v = torch.from_numpy(views[s : s + cfg.batch_size]).to(device)
@@ -325,8 +336,15 @@ def finetune(
             emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
             cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
             target = y_t[rows]
-            cos = cos - cfg.margin * torch.nn.functional.one_hot(target, len(products))
-            loss = torch.nn.functional.cross_entropy(cfg.scale * cos, target)
+            if unknown_t is not None:
+                loss, stats = outliers.loss_with_unknowns(
+                    cos, target, unknown_t, scale=cfg.scale, margin=cfg.margin, kind=cfg.unknown_loss,
+                    weight=cfg.unknown_weight, unknown_margin=cfg.unknown_margin,
+                )  # fmt: skip
+                unknown_cos += [stats["unknown_soft_max_cos"]] if "unknown_soft_max_cos" in stats else []
+            else:
+                cos = cos - cfg.margin * torch.nn.functional.one_hot(target, len(products))
+                loss = torch.nn.functional.cross_entropy(cfg.scale * cos, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -336,6 +354,8 @@ def finetune(
             bar.update(1)
         q, _ = validate()
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **q})
+        if unknown_cos:
+            history[-1]["unknown_soft_max_cos"] = float(np.mean(unknown_cos))
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", map_r=f"{q['map@r']:.3f}")
         logger.info("fine-tune epoch %d: loss %.3f, held-out recall@1 %.3f, MAP@R %.3f", epoch,
                     np.mean(losses), q["product_recall@1"], q["map@r"])  # fmt: skip
