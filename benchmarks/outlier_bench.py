@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grocery", type=Path, default=DEFAULT_GROCERY)
     ap.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON")
     ap.add_argument("--base", action="store_true", help="measure the base model (no fine-tune)")
+    ap.add_argument("--weights", type=Path, help="measure these fine-tuned weights (of a run with --config) again")
     ap.add_argument("--tag", default="")
     ap.add_argument("--leave-out", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ft.cache_trunk_maps = cached
     hidden = hidden_products(args.grocery, args.leave_out, args.seed)
     record: dict = {"tag": args.tag, "config": asdict(cfg), "base": args.base, "hidden_products": hidden}
-    weights = None
-    if not args.base:
+    weights = args.weights
+    if args.weights is not None:
+        record["weights"] = str(args.weights)
+    elif not args.base:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             result = ft.finetune(

@@ -37,3 +37,20 @@ def test_unknown_products_score_lower_and_operating_point_counts():
     assert (s["margin"] >= 0).all() and (s["energy"] >= s["prototype"] - 1e-6).all()
     high = openset.measure(queries, q_labels, db, db_labels, threshold=1.01)
     assert high["correct_flagged_match"] == 0.0 and high["unknown_flagged_no_match"] == 1.0
+
+
+def test_reference_scores_follow_how_alike_a_products_photos_are():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(2, 16))
+    tight = centres[0] + 0.05 * rng.normal(size=(5, 16))
+    loose = centres[1] + 0.6 * rng.normal(size=(5, 16))
+    single = rng.normal(size=(1, 16))
+    db = np.concatenate([tight, loose, single]).astype(np.float32)
+    labels = np.array(["tight"] * 5 + ["loose"] * 5 + ["single"], dtype=object)
+    products, ref = openset.reference_scores(db, labels)
+    got = dict(zip(products, ref, strict=True))
+    assert got["tight"] > 0.95 > got["loose"]
+    assert got["single"] == np.median([got["tight"], got["loose"]])  # no own photos to compare: the others' median
+    # relative = best product score - the answer's reference
+    s = openset.scores(db[:1], db, labels)
+    np.testing.assert_allclose(s["relative"], s["product"] - got["tight"], atol=1e-6)

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .ranking import l2_normalize
+from .ranking import PRODUCT_TOP, l2_normalize
 from .tuning import auroc, product_scores
 
 ENERGY_SCALE = 16.0  # inverse temperature of the energy score over product prototypes
+SCORES = ("product", "prototype", "energy", "margin", "relative")  # what scores() gives besides the answer
 
 
 def prototypes(db: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -26,13 +27,35 @@ def prototypes(db: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return products, l2_normalize(sums.astype(np.float32))
 
 
+def reference_scores(db: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(products, each product's typical own score): the median over its images of the score its product gives
+    that image with the image itself left out (``search()``'s product score, mean of the best three). Products
+    differ in how alike their own photos are (identical cartons vs loose vegetables); the ``relative`` score
+    measures a query against its answer's own typical score. Single-image products get the median of the rest."""
+    d = l2_normalize(db)
+    labels = np.asarray(db_labels)
+    products = np.unique(labels)
+    ref = np.full(len(products), np.nan)
+    for j, p in enumerate(products):
+        own = d[labels == p]
+        if len(own) < 2:
+            continue
+        sims = own @ own.T
+        np.fill_diagonal(sims, -np.inf)
+        top = -np.sort(-sims, axis=1)[:, : min(PRODUCT_TOP, len(own) - 1)]
+        ref[j] = float(np.median(top.mean(axis=1)))
+    ref[np.isnan(ref)] = np.nanmedian(ref) if np.isfinite(ref).any() else 0.0
+    return products, ref
+
+
 def scores(queries: np.ndarray, db: np.ndarray, db_labels: np.ndarray) -> dict[str, Any]:
     """Per query: the answer (best product) and each no-match score.
 
     - ``product``: the best product's score as ``search()`` reports it (mean of its best three images);
     - ``prototype``: cosine to the nearest product prototype (mean vector);
     - ``energy``: ``logsumexp(s * cos) / s`` over all prototypes (high when one or more are close);
-    - ``margin``: best product score minus the second best (a confident, unambiguous answer).
+    - ``margin``: best product score minus the second best (a confident, unambiguous answer);
+    - ``relative``: the best product's score minus that product's typical own score (:func:`reference_scores`).
     """
     q, d = l2_normalize(queries), l2_normalize(db)
     products, pscore = product_scores(q @ d.T, np.asarray(db_labels))
@@ -43,12 +66,14 @@ def scores(queries: np.ndarray, db: np.ndarray, db_labels: np.ndarray) -> dict[s
     cos = q @ protos.T
     z = ENERGY_SCALE * cos
     energy = (z.max(axis=1) + np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))) / ENERGY_SCALE
+    _, ref = reference_scores(d, np.asarray(db_labels))
     return {
         "answer": products[order[:, 0]],
         "product": best,
         "prototype": cos.max(axis=1),
         "energy": energy,
         "margin": best - second,
+        "relative": best - ref[order[:, 0]],
     }
 
 
@@ -65,10 +90,8 @@ def measure(
         "in_catalog_queries": int(inside.sum()),
         "unknown_queries": int((~inside).sum()),
         "recall@1_in_catalog": float(correct[inside].mean()) if inside.any() else float("nan"),
-        "auroc": {k: auroc(s[k][inside], s[k][~inside]) for k in ("product", "prototype", "energy", "margin")},
-        "auroc_correct_vs_unknown": {
-            k: auroc(s[k][correct], s[k][~inside]) for k in ("product", "prototype", "energy", "margin")
-        },
+        "auroc": {k: auroc(s[k][inside], s[k][~inside]) for k in SCORES},
+        "auroc_correct_vs_unknown": {k: auroc(s[k][correct], s[k][~inside]) for k in SCORES},
     }
     if threshold is not None:
         match = s["product"] >= threshold
@@ -80,4 +103,4 @@ def measure(
     return out
 
 
-__all__ = ["ENERGY_SCALE", "measure", "prototypes", "scores"]
+__all__ = ["ENERGY_SCALE", "SCORES", "measure", "prototypes", "reference_scores", "scores"]
