@@ -96,7 +96,8 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     for tune in (False, True):
         a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=tune)
         db, q = a.transform(cat_raw[keep], dim), a.transform(q_raw, dim)
-        m = openset.measure(q, q_labels, db, cat_labels[keep], a.threshold)
+        cal = openset.calibrate(db, cat_labels[keep])
+        m = openset.measure(q, q_labels, db, cat_labels[keep], a.threshold, calibration=cal)
         m["in_catalog_quality"] = holdout_quality(db, cat_labels[keep], q[inside], q_labels[inside])
         m["tuning"] = a.tuning.get("status")
         out[f"tune_{tune}"] = m
@@ -112,6 +113,11 @@ def summary(res: dict) -> str:
             f"unknown->no match {m['unknown_flagged_no_match']:.3f}; in-catalog R@1 "
             f"{m['in_catalog_quality']['product_recall@1']:.3f} MAP@R {m['in_catalog_quality']['map@r']:.3f}"
         )
+        for name, op in m.get("calibrated", {}).items():
+            parts.append(
+                f"    {name} at its calibrated threshold {op['threshold']:.3f}: correct->match "
+                f"{op['correct_flagged_match']:.3f}, unknown->no match {op['unknown_flagged_no_match']:.3f}"
+            )
     return "\n".join(parts)
 
 

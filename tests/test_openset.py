@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lookalike import openset
 
@@ -54,3 +55,26 @@ def test_reference_scores_follow_how_alike_a_products_photos_are():
     # relative = best product score - the answer's reference
     s = openset.scores(db[:1], db, labels)
     np.testing.assert_allclose(s["relative"], s["product"] - got["tight"], atol=1e-6)
+
+
+def test_calibration_on_hidden_groups_thresholds_and_combines():
+    x, labels = clusters(seed=2, products=12, per=8, noise=0.4)
+    cal = openset.calibrate(x, labels)
+    assert set(cal.thresholds) == {*openset.SCORES, "combined"}
+    pos, neg = openset.hidden_group_scores(x, labels)
+    # the build's rule: half of the hidden products' photos fall under each score's threshold
+    for k in openset.SCORES:
+        assert np.mean(neg[k] < cal.thresholds[k]) == pytest.approx(0.5, abs=0.1), k
+    assert cal.info["positives"] == len(pos["product"]) and cal.info["negatives"] == len(neg["product"])
+    # the logistic combination separates the groups it was fitted on at least as well as its best single score
+    best_single = max(cal.info["auroc_on_catalog"][k] for k in openset.SCORES)
+    assert cal.info["auroc_on_catalog"]["combined"] >= best_single - 0.02
+    known = np.isin(labels, [f"p{i}" for i in range(9)])
+    out = openset.measure(x[~known], labels[~known], x[known], labels[known], calibration=cal)
+    assert "combined" in out["auroc"] and set(out["calibrated"]) == set(cal.thresholds)
+
+
+def test_calibration_needs_products_to_hide():
+    x, labels = clusters(products=2, per=3)
+    with pytest.raises(ValueError, match="too few products"):
+        openset.calibrate(x, labels, folds=2)
