@@ -85,7 +85,11 @@ def plain_raw(settings, weights: Path | None, folder: Path, tail_blocks: int, ca
 
 def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: int, cached) -> dict:
     from lookalike import openset
-    from lookalike.tuning import adapt, holdout_quality
+    from lookalike.tuning import SHRINKAGE, adapt, holdout_quality, lda
+
+    def refit_lda(x, labels):  # what the build's calibration does with tuning on: the LDA without the hidden group
+        mean, matrix = lda(x, labels, SHRINKAGE)
+        return lambda v: (v - mean) @ matrix
 
     cat_raw, cat_labels = plain_raw(settings, weights, grocery / "catalog", tail_blocks, cached)
     q_raw, q_labels = plain_raw(settings, weights, grocery / "queries", tail_blocks, cached)
@@ -96,7 +100,10 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     for tune in (False, True):
         a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=tune)
         db, q = a.transform(cat_raw[keep], dim), a.transform(q_raw, dim)
-        cal = openset.calibrate(db, cat_labels[keep])
+        if a.projection is None:
+            cal = openset.calibrate(db, cat_labels[keep])
+        else:
+            cal = openset.calibrate(cat_raw[keep], cat_labels[keep], refit=refit_lda)
         m = openset.measure(q, q_labels, db, cat_labels[keep], a.threshold, calibration=cal)
         m["in_catalog_quality"] = holdout_quality(db, cat_labels[keep], q[inside], q_labels[inside])
         m["tuning"] = a.tuning.get("status")

@@ -78,3 +78,18 @@ def test_calibration_needs_products_to_hide():
     x, labels = clusters(products=2, per=3)
     with pytest.raises(ValueError, match="too few products"):
         openset.calibrate(x, labels, folds=2)
+
+
+def test_calibration_refits_without_the_hidden_group():
+    x, labels = clusters(seed=3, products=12, per=8, noise=0.4)
+    seen = []
+
+    def refit(v, lab):
+        seen.append(set(lab))
+        return lambda z: z * 2.0  # scores are scale-free: the same result as no transform
+
+    cal = openset.calibrate(x, labels, refit=refit)
+    plain = openset.calibrate(x, labels)
+    assert len(seen) == 4 and all(len(s) == 9 for s in seen)  # each fit saw the visible 9 of 12 products only
+    for k in openset.SCORES:
+        assert cal.thresholds[k] == pytest.approx(plain.thresholds[k], rel=1e-4, abs=1e-5)

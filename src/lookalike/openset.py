@@ -8,6 +8,7 @@ correct answers flagged ``match`` and the share of unknown products flagged ``no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from .ranking import PRODUCT_TOP, l2_normalize
 from .tuning import NO_MATCH_QUANTILE, auroc, holdout_split, product_scores
 
 ENERGY_SCALE = 16.0  # inverse temperature of the energy score over product prototypes
+# fits a transform on (vectors, labels) of the visible products; returns it (vectors -> index vectors)
+Refit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
 SCORES = ("product", "prototype", "energy", "margin", "relative")  # what scores() gives besides the answer
 
 
@@ -144,12 +147,15 @@ class Calibration:
 
 
 def hidden_group_scores(
-    db: np.ndarray, db_labels: np.ndarray, folds: int = 4, seed: int = 0
+    db: np.ndarray, db_labels: np.ndarray, folds: int = 4, seed: int = 0, refit: Refit | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`scores` of held-out catalog photos of visible products (positives) and of hidden products (negatives),
     as the build's threshold calibration (:func:`lookalike.tuning.calibrate_no_match`) splits them: products in
-    ``folds`` seeded groups, each hidden in turn; the index is the rest without its held-out photos. The vectors are
-    used as given (a projection fitted on every product has seen the hidden ones: optimistic for a tuned index)."""
+    ``folds`` seeded groups, each hidden in turn; the index is the rest without its held-out photos.
+
+    Without ``refit`` the vectors are used as given; a projection fitted on every product has seen the hidden ones,
+    so pass raw vectors and ``refit(x, labels)`` returning the transform fitted without them (as the build does when
+    tuning is on)."""
     labels = np.asarray(db_labels)
     products = np.unique(labels)
     rng = np.random.default_rng(seed)
@@ -163,9 +169,11 @@ def hidden_group_scores(
         db_rows = visible & ~held
         if len(np.unique(labels[db_rows])) < 2:
             continue
+        transform = (lambda x: x) if refit is None else refit(db[db_rows], labels[db_rows])
+        index = transform(db[db_rows])
         for rows, out in ((visible & held, pos), (~visible & held, neg)):
             if rows.any():
-                sc = scores(db[rows], db[db_rows], labels[db_rows])
+                sc = scores(transform(db[rows]), index, labels[db_rows])
                 for k in SCORES:
                     out[k].append(sc[k])
     if not pos["product"] or not neg["product"]:
@@ -190,11 +198,13 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) ->
     return w[:-1], float(w[-1])
 
 
-def calibrate(db: np.ndarray, db_labels: np.ndarray, folds: int = 4, seed: int = 0) -> Calibration:
+def calibrate(
+    db: np.ndarray, db_labels: np.ndarray, folds: int = 4, seed: int = 0, refit: Refit | None = None
+) -> Calibration:
     """Thresholds for every score (the NO_MATCH_QUANTILE quantile of the hidden products' scores, the build's rule)
     and a logistic combination of the scores fitted to tell held-out photos of visible products from photos of
-    hidden ones, with its own threshold by the same rule."""
-    pos, neg = hidden_group_scores(db, db_labels, folds, seed)
+    hidden ones, with its own threshold by the same rule. ``refit``: see :func:`hidden_group_scores`."""
+    pos, neg = hidden_group_scores(db, db_labels, folds, seed, refit)
     x = np.concatenate([np.stack([pos[k] for k in SCORES], 1), np.stack([neg[k] for k in SCORES], 1)]).astype(float)
     y = np.concatenate([np.ones(len(pos["product"])), np.zeros(len(neg["product"]))])
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-9
