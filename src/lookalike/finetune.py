@@ -72,6 +72,7 @@ class FinetuneConfig:
     unknown_loss: str = "energy"
     unknown_weight: float = 1.0
     unknown_margin: float = 0.4
+    unknown_rotate: bool = True  # a new group every epoch; False: one group plays unknown all along (never learnt)
 
 
 @dataclass
@@ -308,6 +309,7 @@ def finetune(
     )
     rng = np.random.default_rng(cfg.seed + 1)
     rng_unknown = np.random.default_rng(cfg.seed + 2)  # its own stream: unknown_fraction 0 trains as before
+    unknown = None  # the products playing "unknown" this epoch (lookalike.outliers)
     best = {"epoch": 0, **base}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history = []
@@ -321,8 +323,11 @@ def finetune(
             p.requires_grad_(not frozen)
         order = rng.permutation(fit_rows)
         views = rng.integers(0, cfg.views, len(order))
-        unknown = None if frozen else outliers.pick_unknown(len(products), cfg.unknown_fraction, rng_unknown)
-        unknown_t = torch.from_numpy(unknown).to(device) if unknown is not None and unknown.any() else None
+        if not frozen and (cfg.unknown_rotate or unknown is None):
+            unknown = outliers.pick_unknown(len(products), cfg.unknown_fraction, rng_unknown)
+        unknown_t = (
+            torch.from_numpy(unknown).to(device) if not frozen and unknown is not None and unknown.any() else None
+        )
         losses, unknown_cos = [], []
         for s in range(0, len(order), cfg.batch_size):
             rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
@@ -356,6 +361,7 @@ def finetune(
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **q})
         if unknown_cos:
             history[-1]["unknown_soft_max_cos"] = float(np.mean(unknown_cos))
+            history[-1]["unknown_products"] = products[unknown].tolist()
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", map_r=f"{q['map@r']:.3f}")
         logger.info("fine-tune epoch %d: loss %.3f, held-out recall@1 %.3f, MAP@R %.3f", epoch,
                     np.mean(losses), q["product_recall@1"], q["map@r"])  # fmt: skip
