@@ -128,6 +128,43 @@ def summary(res: dict) -> str:
     return "\n".join(parts)
 
 
+def table(path: Path, tags: list[str] | None = None) -> str:
+    """Markdown tables (untuned index, then LDA-tuned index) of the runs recorded in ``path``: the last run of each
+    tag, in the order given (default: every tag, first seen first)."""
+    from lookalike.finetune import FinetuneConfig
+
+    runs: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        runs[r["tag"]] = r
+    defaults = json.loads(json.dumps(asdict(FinetuneConfig())))  # tuples as the JSON lists of the records
+    out = []
+    for key, title in (("tune_False", "untuned index"), ("tune_True", "index + LDA")):
+        out += [
+            f"\n{title}:\n",
+            "| run | changes to FinetuneConfig | CPU s | AUROC product / prototype / energy / margin / relative / "
+            "combined | threshold | correct answers flagged match | unknown flagged no match "
+            "| in-catalog R@1 / MAP@R |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for tag in tags or list(runs):
+            r = runs[tag]
+            m = r["no_match"][key]
+            changes = "base model, no fine-tune" if r["base"] else ", ".join(
+                f"{k} {v}" for k, v in r["config"].items() if v != defaults[k] and k != "require_gain"
+            ) or "(defaults)"  # fmt: skip
+            names = ("product", "prototype", "energy", "margin", "relative", "combined")
+            au = " / ".join(f"{m['auroc'][k]:.3f}" if k in m["auroc"] else "-" for k in names)
+            cpu = f"{r['trained_cpu_s']:.0f}" if "trained_cpu_s" in r else "-"
+            q = m["in_catalog_quality"]
+            out.append(
+                f"| {tag} | {changes} | {cpu} | {au} | {m['threshold']:.3f} | "
+                f"{100 * m['correct_flagged_match']:.1f} % | {100 * m['unknown_flagged_no_match']:.1f} % | "
+                f"{q['product_recall@1']:.3f} / {q['map@r']:.3f} |"
+            )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grocery", type=Path, default=DEFAULT_GROCERY)
@@ -139,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/outlier-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "outlier_bench.jsonl")
+    ap.add_argument("--table", nargs="*", metavar="TAG", help="print the recorded runs (these tags) as markdown")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        print(table(args.out, args.table or None))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (args.grocery / "catalog").is_dir():
         print(f"{args.grocery}/catalog not found (see ../shared/data/README.md)", file=sys.stderr)
