@@ -157,6 +157,8 @@ def table(path: Path, tags: list[str] | None = None) -> str:
             au = " / ".join(f"{m['auroc'][k]:.3f}" if k in m["auroc"] else "-" for k in names)
             cpu = f"{r['trained_cpu_s']:.0f}" if "trained_cpu_s" in r else "-"
             q = m["in_catalog_quality"]
+            if key == "tune_True" and m.get("tuning") != "tuned":
+                changes += f" (LDA {m.get('tuning')}: untuned figures)"
             out.append(
                 f"| {tag} | {changes} | {cpu} | {au} | {m['threshold']:.3f} | "
                 f"{100 * m['correct_flagged_match']:.1f} % | {100 * m['unknown_flagged_no_match']:.1f} % | "
