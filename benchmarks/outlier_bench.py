@@ -85,6 +85,7 @@ def plain_raw(settings, weights: Path | None, folder: Path, tail_blocks: int, ca
 
 def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: int, cached) -> dict:
     from lookalike import openset
+    from lookalike.ranking import l2_normalize
     from lookalike.tuning import SHRINKAGE, adapt, holdout_quality, lda
 
     def refit_lda(x, labels):  # what the build's calibration does with tuning on: the LDA without the hidden group
@@ -106,6 +107,8 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
             cal = openset.calibrate(cat_raw[keep], cat_labels[keep], refit=refit_lda)
         m = openset.measure(q, q_labels, db, cat_labels[keep], a.threshold, calibration=cal)
         m["in_catalog_quality"] = holdout_quality(db, cat_labels[keep], q[inside], q_labels[inside])
+        nearest = np.argmax(l2_normalize(q[inside]) @ l2_normalize(db).T, axis=1)  # `lookalike eval`'s Recall@1
+        m["in_catalog_quality"]["image_recall@1"] = float(np.mean(cat_labels[keep][nearest] == q_labels[inside]))
         m["tuning"] = a.tuning.get("status")
         out[f"tune_{tune}"] = m
     return out
