@@ -361,7 +361,9 @@ def finetune(
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **q})
         if unknown_cos:
             history[-1]["unknown_soft_max_cos"] = float(np.mean(unknown_cos))
-            history[-1]["unknown_products"] = products[unknown].tolist()
+            names = "\n".join(products[unknown].tolist()).encode()
+            history[-1]["unknown_products"] = int(unknown.sum())
+            history[-1]["unknown_group"] = hashlib.sha256(names).hexdigest()[:12]  # which group, without the names
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", map_r=f"{q['map@r']:.3f}")
         logger.info("fine-tune epoch %d: loss %.3f, held-out recall@1 %.3f, MAP@R %.3f", epoch,
                     np.mean(losses), q["product_recall@1"], q["map@r"])  # fmt: skip
