@@ -114,6 +114,28 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     return out
 
 
+def fixed_group_calibration(settings, weights, grocery: Path, hidden: list[str], cfg, cached) -> dict:
+    """The no-match threshold set by the products a fine-tune with ``unknown_rotate: false`` never learnt: the median
+    product score of their photos against the other products (untuned index), and the dev queries' operating point
+    at it. Such products are as new to the network as a shop's unknown product, unlike the build's hidden groups."""
+    from lookalike import openset, outliers
+    from lookalike.ranking import l2_normalize
+    from lookalike.tuning import NO_MATCH_QUANTILE, product_scores
+
+    cat_raw, cat_labels = plain_raw(settings, weights, grocery / "catalog", cfg.tail_blocks, cached)
+    q_raw, q_labels = plain_raw(settings, weights, grocery / "queries", cfg.tail_blocks, cached)
+    keep = ~np.isin(cat_labels, hidden)
+    db, labels = cat_raw[keep, :1280], cat_labels[keep]
+    products = np.unique(labels)  # the fine-tune's products, in its order: its first draw is the fixed group
+    fixed = products[outliers.pick_unknown(len(products), cfg.unknown_fraction, np.random.default_rng(cfg.seed + 2))]
+    rows = np.isin(labels, fixed)
+    _, scores = product_scores(l2_normalize(db[rows]) @ l2_normalize(db[~rows]).T, labels[~rows])
+    threshold = float(np.quantile(scores.max(axis=1), NO_MATCH_QUANTILE))
+    m = openset.measure(q_raw[:, :1280], q_labels, db, labels, threshold)
+    keys = ("correct_flagged_match", "unknown_flagged_no_match", "in_catalog_flagged_match")
+    return {"never_learnt_products": len(fixed), "threshold": threshold, **{k: m[k] for k in keys}}
+
+
 def summary(res: dict) -> str:
     parts = []
     for k, m in res.items():
@@ -223,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         record["trained_cpu_s"] = result.info["seconds"]["cpu"]
     c0 = time.process_time()
     record["no_match"] = measure(settings, weights, args.grocery, hidden, cfg.tail_blocks, cached)
+    if weights is not None and cfg.unknown_fraction > 0 and not cfg.unknown_rotate:
+        fixed = fixed_group_calibration(settings, weights, args.grocery, hidden, cfg, cached)
+        record["fixed_group_calibration"] = fixed
+        logger.info("threshold from the never-learnt group: %s", json.dumps(record["fixed_group_calibration"]))
     record["measure_cpu_s"] = round(time.process_time() - c0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
