@@ -45,7 +45,11 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     from lookalike import openset
     from lookalike.embedding import FeatureExtractor
     from lookalike.evaluation import embed_folder
-    from lookalike.tuning import adapt
+    from lookalike.tuning import SHRINKAGE, adapt, lda
+
+    def refit_lda(x, labels):  # the build's calibration with tuning on: the LDA refitted without the hidden group
+        mean, matrix = lda(x, labels, SHRINKAGE)
+        return lambda v: (v - mean) @ matrix
 
     extractor = FeatureExtractor(settings)
     cat = embed_folder(extractor, settings, grocery / "catalog")
@@ -56,7 +60,14 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     for tune in (False, True):
         a = adapt(cat.raw[keep], labels[keep], extractor.dim, tune=tune)
         db, q = a.transform(cat.raw[keep], extractor.dim), a.transform(qs.raw, extractor.dim)
-        out[f"tune_{tune}"] = openset.measure(q, np.asarray(qs.labels, dtype=object), db, labels[keep], a.threshold)
+        cal = (
+            openset.calibrate(db, labels[keep])
+            if a.projection is None
+            else openset.calibrate(cat.raw[keep], labels[keep], refit=refit_lda)
+        )
+        out[f"tune_{tune}"] = openset.measure(
+            q, np.asarray(qs.labels, dtype=object), db, labels[keep], a.threshold, calibration=cal
+        )
         logging.info("no match, tune=%s: %s", tune, json.dumps(out[f"tune_{tune}"]))
     return out
 

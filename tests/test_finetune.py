@@ -134,17 +134,19 @@ def test_arcface_loss_trains_and_an_unknown_loss_is_refused(big_catalog: Path, m
 
 def test_simulated_unknowns_push_towards_a_uniform_answer():
     # the loss of a photo of a hidden product is lowest when it resembles every known product equally
-    cfg = ft.FinetuneConfig(unknown_fraction=0.5, unknown_weight=1.0, margin=0.0)
+    cfg = ft.FinetuneConfig(unknown_fraction=0.5, unknown_loss="uniform", unknown_weight=1.0, margin=0.0)
     proxies = torch.eye(4)
-    known = torch.tensor([True, True, True, False])
+    unknown = torch.tensor([False, False, False, True])
     target = torch.tensor([3])
     uniform = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), dim=1)
     leaning = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0.2, 0.0]]), dim=1)
-    assert ft._proxy_loss(uniform, proxies, target, cfg, known) < ft._proxy_loss(leaning, proxies, target, cfg, known)
+    loss_uniform, stats = ft._proxy_loss(uniform, proxies, target, cfg, unknown)
+    assert loss_uniform < ft._proxy_loss(leaning, proxies, target, cfg, unknown)[0]
+    assert "unknown_soft_max_cos" in stats
     # a known product's photo is classified among the known products only
     photo = torch.nn.functional.normalize(torch.tensor([[0.1, 0.3, 0.1, 0.3]]), dim=1)  # as close to p3 as to p1
-    masked = ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg, known)
-    assert float(masked) < float(ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg)) - 0.5
+    masked, _ = ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg, unknown)
+    assert float(masked) < float(ft._proxy_loss(photo, proxies, torch.tensor([1]), cfg)[0]) - 0.5
 
 
 def test_finetune_with_simulated_unknowns_runs(big_catalog: Path, make_settings, tmp_path: Path):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import outliers
 from .catalog import scan_catalog
 from .files import atomic_write_bytes
 from .imaging import ImageError, open_image
@@ -63,12 +64,17 @@ class FinetuneConfig:
     margin: float = 0.1  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
     loss: str = "cosface"  # cosface or arcface; with margin 0 both are the plain normalised softmax
     refit_all: bool = False  # after early stopping, train again on every photo for the chosen number of epochs
-    unknown_fraction: float = 0.0  # share of products treated as unknown in each trained epoch (0: none)
-    unknown_weight: float = 0.5  # weight of their push towards a uniform answer (outlier exposure)
     patience: int = 3  # epochs without a better held-out MAP@R before stopping
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
     require_gain: bool = True  # decline unless it beats the LDA on held-out photos (False: save it regardless)
+    # Simulated unknowns (lookalike.outliers): each epoch after warm-up this share of the products plays "unknown";
+    # 0 turns it off. unknown_loss: "uniform" (outlier exposure) or "energy" (hinge at unknown_margin).
+    unknown_fraction: float = 0.0
+    unknown_loss: str = "energy"
+    unknown_weight: float = 1.0
+    unknown_margin: float = 0.4
+    unknown_rotate: bool = True  # a new group every epoch; False: one group plays unknown all along (never learnt)
 
 
 @dataclass
@@ -224,13 +230,13 @@ def _raw(tail, maps, pooling: str, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, known=None):
-    """Normalised softmax over the product proxies, with the configured margin on the true product's logit:
-    CosFace subtracts it from the cosine, ArcFace adds it to the angle.
+def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, unknown=None):
+    """(loss, statistics) of a batch: normalised softmax over the product proxies, with the configured margin on
+    the true product's logit: CosFace subtracts it from the cosine, ArcFace adds it to the angle.
 
-    ``known`` (a bool mask over products; None: all known) simulates unknown products: their proxies leave the
-    softmax, and their photos are pushed towards a uniform answer over the known ones (outlier exposure, weighted
-    ``cfg.unknown_weight``), so that a product the network never saw resembles no catalog product in particular."""
+    ``unknown`` (a bool mask over products; None: all known) simulates unknown products
+    (:func:`lookalike.outliers.loss_with_unknowns`): their proxies leave the softmax, and their photos are pushed
+    away from every known product (``cfg.unknown_loss``: towards a uniform answer, or below an energy margin)."""
     import torch
 
     cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
@@ -242,18 +248,13 @@ def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, known=None):
         cos = cos - cfg.margin * onehot
     else:
         raise ValueError(f"unknown fine-tune loss {cfg.loss!r}: expected cosface or arcface")
-    logits = cfg.scale * cos
-    if known is None:
-        return torch.nn.functional.cross_entropy(logits, target)
-    logits = logits.masked_fill(~known, float("-inf"))
-    seen = known[target]
-    loss = logits.new_zeros(())
-    if seen.any():
-        loss = loss + torch.nn.functional.cross_entropy(logits[seen], target[seen])
-    if (~seen).any():
-        logp = torch.log_softmax(logits[~seen], dim=1)[:, known]
-        loss = loss + cfg.unknown_weight * (-logp.mean(dim=1)).mean()
-    return loss
+    if unknown is None:
+        return torch.nn.functional.cross_entropy(cfg.scale * cos, target), {}
+    # the margin is already on the true products' cosines (an unknown product's own column leaves the softmax)
+    return outliers.loss_with_unknowns(
+        cos, target, unknown, scale=cfg.scale, margin=0.0, kind=cfg.unknown_loss, weight=cfg.unknown_weight,
+        unknown_margin=cfg.unknown_margin,
+    )  # fmt: skip
 
 
 def finetune(
@@ -277,6 +278,7 @@ def finetune(
     from .embedding import FeatureExtractor
 
     cfg = config or FinetuneConfig()
+    outliers.check_config(cfg.unknown_fraction, cfg.unknown_loss, cfg.unknown_weight)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     root = Path(data_dir if data_dir is not None else settings.data_dir).expanduser().resolve()
     images = [im for im in scan_catalog(root) if im.product_id not in exclude_products]
@@ -341,6 +343,8 @@ def finetune(
             opt, lambda s: 1.0 if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
         )
         rng = np.random.default_rng(cfg.seed + 1)
+        rng_unknown = np.random.default_rng(cfg.seed + 2)  # its own stream: unknown_fraction 0 trains as before
+        unknown = None  # the products playing "unknown" this epoch (lookalike.outliers)
         best = {"epoch": 0, **base}
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history = []
@@ -351,12 +355,12 @@ def finetune(
                 p.requires_grad_(not frozen)
             order = rng.permutation(train_rows)
             views = rng.integers(0, cfg.views, len(order))
-            known = None
-            if cfg.unknown_fraction > 0 and not frozen:  # a fresh group of simulated unknowns each epoch
-                hide = rng.choice(len(products), max(1, int(round(cfg.unknown_fraction * len(products)))), False)
-                known = torch.ones(len(products), dtype=torch.bool, device=device)
-                known[torch.from_numpy(hide).to(device)] = False
-            losses = []
+            if not frozen and (cfg.unknown_rotate or unknown is None):
+                unknown = outliers.pick_unknown(len(products), cfg.unknown_fraction, rng_unknown)
+            unknown_t = (
+                torch.from_numpy(unknown).to(device) if not frozen and unknown is not None and unknown.any() else None
+            )
+            losses, unknown_cos = [], []
             for s in range(0, len(order), cfg.batch_size):
                 rows = torch.from_numpy(order[s : s + cfg.batch_size]).to(device)
                 v = torch.from_numpy(views[s : s + cfg.batch_size]).to(device)
@@ -364,7 +368,8 @@ def finetune(
                 with torch.set_grad_enabled(not frozen):
                     main, _ = tail(x)
                 emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
-                loss = _proxy_loss(emb, proxies, y_t[rows], cfg, known)
+                loss, stats = _proxy_loss(emb, proxies, y_t[rows], cfg, unknown_t)
+                unknown_cos += [stats["unknown_soft_max_cos"]] if "unknown_soft_max_cos" in stats else []
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -372,6 +377,11 @@ def finetune(
                 losses.append(float(loss.detach()))
                 bar.update(1)
             record = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if unknown_cos:
+                names = "\n".join(np.asarray(products)[unknown].tolist()).encode()
+                record["unknown_soft_max_cos"] = float(np.mean(unknown_cos))
+                record["unknown_products"] = int(unknown.sum())
+                record["unknown_group"] = hashlib.sha256(names).hexdigest()[:12]  # which group, without the names
             if not watch:
                 history.append(record)
                 continue
