@@ -1,0 +1,185 @@
+"""The network side of fine-tuning (:mod:`lookalike.finetune`, kept apart for size): splitting the backbone into
+a frozen trunk and a trained tail, the trunk's cached feature maps of augmented views, the pooled tail output (the
+embedding the engine indexes) and the proxy loss with its margin and simulated unknowns (:mod:`lookalike.outliers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import outliers
+from .imaging import ImageError, open_image
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneConfig
+
+logger = logging.getLogger("lookalike.finetune")  # the same logger as the run it is part of
+
+
+def split_backbone(model: Any, tail_blocks: int):
+    """(trunk, tail, trainable parameters): ``tail(trunk(x))`` equals ``model(x)`` (the (main, aux) maps).
+
+    Supports the EfficientNet-Lite backbones and the tiny test backbone; other architectures raise ValueError.
+    """
+    import torch
+    from torch import nn
+
+    from .nets import EfficientNetLiteMaps, TinyNet
+
+    if isinstance(model, EfficientNetLiteMaps):
+        n = len(model._blocks)
+        if not 1 <= tail_blocks < n:
+            raise ValueError(f"tail_blocks must be between 1 and {n - 1}, got {tail_blocks}")
+        first = n - tail_blocks
+
+        class Trunk(nn.Module):
+            def forward(self, x):
+                x = nn.functional.relu6(model._bn0(model._conv_stem(x)))
+                for block in model._blocks[:first]:
+                    x = block(x)
+                return x
+
+        class Tail(nn.Module):
+            def forward(self, x):
+                for block in model._blocks[first:]:
+                    x = block(x)
+                return nn.functional.relu6(model._bn1(model._conv_head(x))), x
+
+        params = [p for b in model._blocks[first:] for p in b.parameters()]
+        params += [*model._conv_head.parameters(), *model._bn1.parameters()]
+        return Trunk(), Tail(), params
+    if isinstance(model, TinyNet):
+
+        class TinyTrunk(nn.Module):
+            def forward(self, x):
+                return torch.relu(model.conv2(torch.relu(model.conv1(x))))
+
+        class TinyTail(nn.Module):
+            def forward(self, x):
+                return torch.relu(model.conv3(x)), x
+
+        return TinyTrunk(), TinyTail(), list(model.conv3.parameters())
+    raise ValueError(
+        f"fine-tuning supports the efficientnet_lite backbones (and test_tiny), not {type(model).__name__}; "
+        "use tune: true (LDA) with this model"
+    )
+
+
+# --- the cached views ---------------------------------------------------------------------------------------
+
+
+def _view(img, size: int, rng: np.random.Generator, cfg: FinetuneConfig, plain: bool) -> np.ndarray:
+    """One (size, size, 3) uint8 view: the extractor's plain resize, or a random crop / flip / jitter of it."""
+    from PIL import Image
+
+    if plain:
+        return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    w, h = img.size
+    area = w * h * rng.uniform(*cfg.crop_scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = int(round(min(w, math.sqrt(area * ratio))))
+    ch = int(round(min(h, math.sqrt(area / ratio))))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    view = img.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    a = np.asarray(view, dtype=np.float32)
+    if rng.random() < 0.5:
+        a = a[:, ::-1]
+    a = (a - a.mean()) * rng.uniform(0.8, 1.2) + a.mean() * rng.uniform(0.8, 1.2)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def cache_trunk_maps(extractor, trunk, paths, cfg: FinetuneConfig, device: str, progress: bool | None):
+    """(maps (n, views, C, H, W) float16 on ``device``, ok rows): the frozen trunk's output for every view of every
+    photo that decodes."""
+    import torch
+    from tqdm.auto import tqdm
+
+    size = extractor.input_size
+    pre = extractor.spec.preprocess
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    rng = np.random.default_rng(cfg.seed)
+    ok, chunks, batch = [], [], []
+    bar = tqdm(total=len(paths), unit="img", desc="fine-tune: caching trunk maps", disable=progress is False)
+
+    def flush():
+        pixels = torch.from_numpy(np.stack(batch)).to(device)  # (B*views, S, S, 3)
+        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        with torch.inference_mode():
+            maps = trunk(x.contiguous(memory_format=torch.channels_last))
+        chunks.append(maps.to(torch.float16).reshape(-1, cfg.views, *maps.shape[1:]).clone())
+        batch.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            img = open_image(path, extractor.settings.max_image_pixels, draft_size=size).image
+        except ImageError as exc:
+            logger.warning("fine-tune skips %s: %s", path, exc.reason)
+            bar.update(1)
+            continue
+        ok.append(i)
+        batch.extend(_view(img, size, rng, cfg, plain=v == 0) for v in range(cfg.views))
+        if len(batch) >= 32 * cfg.views:
+            flush()
+        bar.update(1)
+    if batch:
+        flush()
+    bar.close()
+    return torch.cat(chunks), np.array(ok, dtype=int)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def _pool(fmap, pooling: str):
+    import torch
+
+    from .runtime import center_weights
+
+    if pooling == "avg":
+        return fmap.mean(dim=(2, 3))
+    w = torch.from_numpy(center_weights(*fmap.shape[-2:])).to(fmap.device)
+    return torch.einsum("bchw,hw->bc", fmap, w)
+
+
+def _raw(tail, maps, pooling: str, batch: int = 256) -> np.ndarray:
+    """Raw vectors (pooled main map + pooled aux map), as the extractor would give them, of cached maps."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(maps), batch):
+            main, aux = tail(maps[s : s + batch].float())
+            out.append(torch.cat([_pool(main, pooling), _pool(aux, pooling)], dim=1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _proxy_loss(emb, proxies, target, cfg: FinetuneConfig, unknown=None):
+    """(loss, statistics) of a batch: normalised softmax over the product proxies, with the configured margin on
+    the true product's logit: CosFace subtracts it from the cosine, ArcFace adds it to the angle.
+
+    ``unknown`` (a bool mask over products; None: all known) simulates unknown products
+    (:func:`lookalike.outliers.loss_with_unknowns`): their proxies leave the softmax, and their photos are pushed
+    away from every known product (``cfg.unknown_loss``: towards a uniform answer, or below an energy margin)."""
+    import torch
+
+    cos = emb @ torch.nn.functional.normalize(proxies, dim=1).T
+    onehot = torch.nn.functional.one_hot(target, proxies.shape[0]).to(cos.dtype)
+    if cfg.loss == "arcface":
+        theta = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+        cos = torch.where(onehot.bool(), torch.cos(theta + cfg.margin), cos)
+    elif cfg.loss == "cosface":
+        cos = cos - cfg.margin * onehot
+    else:
+        raise ValueError(f"unknown fine-tune loss {cfg.loss!r}: expected cosface or arcface")
+    if unknown is None:
+        return torch.nn.functional.cross_entropy(cfg.scale * cos, target), {}
+    # the margin is already on the true products' cosines (an unknown product's own column leaves the softmax)
+    return outliers.loss_with_unknowns(
+        cos, target, unknown, scale=cfg.scale, margin=0.0, kind=cfg.unknown_loss, weight=cfg.unknown_weight,
+        unknown_margin=cfg.unknown_margin,
+    )  # fmt: skip
