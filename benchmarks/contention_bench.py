@@ -25,6 +25,7 @@ from lookalike import ImageSearchEngine, Settings
 SETTINGS = [
     ("default settings", {}),
     ("default, threads 1", {"threads": 1}),
+    ("default, threads 2 (fixed: no one-thread queries when busy)", {"threads": 2}),
     ("torch, threads unset (old default)", {"runtime": "torch"}),
     ("torch, threads 1", {"runtime": "torch", "threads": 1}),
 ]

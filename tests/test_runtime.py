@@ -84,6 +84,45 @@ def test_large_batches_are_split_over_streams_with_the_same_vectors(models, phot
     np.testing.assert_allclose(out, single, rtol=1e-4, atol=1e-5)
 
 
+def test_a_query_on_a_busy_machine_runs_on_one_thread_with_the_same_vectors(models, photos, monkeypatch):
+    import lookalike.runtime as rt
+
+    quiet = make(models, runtime="openvino", batch_size=1)
+    reference = quiet.extract_batch_features(photos)
+    monkeypatch.setattr(rt, "default_threads", lambda: 2)  # the decision is only made with more than one core
+    monkeypatch.setattr(rt, "cores_taken", lambda cores: True)  # other work holds every core
+    busy = make(models, runtime="openvino", batch_size=1)
+    np.testing.assert_allclose(busy.extract_batch_features(photos), reference, rtol=1e-4, atol=1e-5)
+    assert busy.runner._solo is not None  # the one-thread model answered
+    fixed = make(models, runtime="openvino", batch_size=1, threads=2)  # an explicit thread count is kept
+    np.testing.assert_allclose(fixed.extract_batch_features(photos), reference, rtol=1e-4, atol=1e-5)
+    assert fixed.runner._solo is None
+    monkeypatch.setattr(rt, "cores_taken", lambda cores: False)
+    idle = make(models, runtime="openvino", batch_size=1)
+    idle.extract_batch_features(photos)
+    assert idle.runner._solo is None
+
+
+def test_cores_taken_reads_the_running_tasks(monkeypatch, tmp_path):
+    import builtins
+
+    import lookalike.runtime as rt
+
+    fake = tmp_path / "loadavg"
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/loadavg" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    fake.write_text("3.10 2.20 1.00 3/412 9999\n")
+    assert rt.cores_taken(2) and not rt.cores_taken(4)
+    fake.write_text("0.10 0.20 0.30 1/412 9999\n")
+    assert not rt.cores_taken(2)
+    fake.write_text("garbled")
+    assert not rt.cores_taken(2)  # unknown: keep every thread
+
+
 def test_exported_model_is_kept_and_reused(tmp_path, photos):
     first = make(tmp_path, runtime="onnx")
     files = sorted((tmp_path / "models").glob("*.onnx"))

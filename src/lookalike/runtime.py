@@ -181,10 +181,27 @@ class OnnxRunner:
         return self.session.run(None, {_INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
 
+def cores_taken(cores: int) -> bool:
+    """True when, right now, other runnable threads would take every core this process may use: the kernel's
+    count of runnable tasks (``/proc/loadavg``, the caller included) exceeds ``cores``. False where unknown."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running > cores
+
+
 class OpenVinoRunner:
     """OpenVINO on the CPU. Small batches (a query) run in latency mode: one request on all the threads. Larger
     batches are split over throughput-mode streams (one per core here), which keeps each core on its own images
-    instead of synchronising on every layer: measured +20-30% for EfficientNet-B0 and Lite0 on two cores."""
+    instead of synchronising on every layer: measured +20-30% for EfficientNet-B0 and Lite0 on two cores.
+
+    With ``threads`` unset, a query that arrives while other work holds every core (:func:`cores_taken`) runs on
+    one thread instead (a second compiled model, made on first need): a query split over threads waits for its
+    slowest thread, and on a busy machine one of them is always waiting for a core (docs/benchmarks.md,
+    contention: p50 beside two CPU-busy processes 15.4 ms on two threads, 13.3 ms on one). An explicit ``threads``
+    (the server sets one per search slot) is always kept."""
 
     name = "openvino"
     SPLIT_FROM = 8  # images in a batch from which it is split over streams
@@ -201,6 +218,8 @@ class OpenVinoRunner:
         }
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._cores = default_threads()
+        self._adapt = not threads and self._cores > 1  # threads unset: one thread when the cores are taken
         self._core = ov.Core()
         # Compiled models are cached beside the exported one: a later process imports the compiled blob instead of
         # reading and compiling the graph again (measured 0.6 s of a cold one-photo search for Lite0). OpenVINO
@@ -217,6 +236,9 @@ class OpenVinoRunner:
             # CPU burners on two cores, three rounds of docs/benchmarks.md's experiment).
             latency["TBB_PARTITIONER"] = "AUTO"
         self.compiled = self._core.compile_model(self._path, "CPU", latency)
+        self._latency = latency
+        self._solo = None  # the one-thread model for queries on a busy machine, compiled on first need
+        self._solo_lock = threading.Lock()
         self._local = threading.local()
         self._streams = None  # (AsyncInferQueue, number of streams), compiled on the first large batch
         self._streams_lock = threading.Lock()
@@ -226,11 +248,21 @@ class OpenVinoRunner:
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         if len(pixels) >= self.SPLIT_FROM:
             return self._split(pixels)
-        request = getattr(self._local, "request", None)
+        solo = self._adapt and cores_taken(self._cores)
+        name = "solo_request" if solo else "request"
+        request = getattr(self._local, name, None)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+            compiled = self._solo_model() if solo else self.compiled
+            request = compiled.create_infer_request()
+            setattr(self._local, name, request)
         request.infer({0: pixels})
         return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def _solo_model(self):
+        with self._solo_lock:
+            if self._solo is None:
+                self._solo = self._core.compile_model(self._path, "CPU", {**self._latency, "INFERENCE_NUM_THREADS": 1})
+            return self._solo
 
     def _split(self, pixels: np.ndarray) -> np.ndarray:
         import openvino as ov

@@ -20,7 +20,7 @@ DESCRIPTIONS: dict[str, str] = {
     "num_workers": "image decoding threads beside the network",
     "runtime": "what runs the network: auto (OpenVINO, else ONNX Runtime, else torch), torch, onnx, openvino",
     "precision": "auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16 or int8",
-    "threads": "threads the network may use (the server divides the cores between its searches)",
+    "threads": "network threads (unset: every core, one while other work holds them; the server shares the cores)",
     "index_type": "auto (exact for small catalogs, approximate for large) or a FAISS factory string",
     "exact_below": "with index_type auto: catalogs smaller than this get exact search",
     "max_image_pixels": "larger images are refused (decompression bombs)",
