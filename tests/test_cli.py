@@ -238,7 +238,7 @@ def test_eval_writes_json(catalog, flags, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recall@1" in out and "map@r" in out
     assert f"wrote {out_file}" in out
-    result = json.loads(out_file.read_text())
+    result = json.loads(out_file.read_text(encoding="utf-8"))
     metrics = result["protocols"]["photo->catalog"]["metrics"]
     assert metrics["recall@1"] == 1.0
     assert metrics["queries"] == N_IMAGES
@@ -259,7 +259,7 @@ def test_eval_report_is_a_self_contained_page(catalog, flags, tmp_path, capsys):
     report = tmp_path / "report"
     argv = ["eval", "--catalog", str(catalog), "--queries", str(queries), "--report", str(report), *flags]
     assert main(argv) == 0
-    page = (report / "index.html").read_text()
+    page = (report / "index.html").read_text(encoding="utf-8")
     assert "photo-&gt;catalog" in page and "leave-one-out" in page
     assert "worst queries" in page and "Most confused" in page and "Per-product recall" in page
     assert page.count("data:image/jpeg;base64,") >= 6  # query and result thumbnails, inlined

@@ -47,8 +47,9 @@ def test_clean_catalog_has_no_flags(clean: Path, make_settings, tmp_path: Path):
     assert report["counts"] == {"images": 36, "checked": 36, "products": 6, "unreadable": 0}
     assert report["duplicates"] == [] and report["mislabelled"] == []
     assert report["space"] == "lda-cross-fitted"
-    assert json.loads((tmp_path / "out" / "doctor.json").read_text())["counts"]["images"] == 36
-    assert "Every photo looks most like its own product." in (tmp_path / "out" / "doctor.html").read_text()
+    assert json.loads((tmp_path / "out" / "doctor.json").read_text(encoding="utf-8"))["counts"]["images"] == 36
+    page = (tmp_path / "out" / "doctor.html").read_text(encoding="utf-8")
+    assert "Every photo looks most like its own product." in page
 
 
 def test_planted_problems_are_found(clean: Path, make_settings, tmp_path: Path):
@@ -71,7 +72,7 @@ def test_planted_problems_are_found(clean: Path, make_settings, tmp_path: Path):
     assert [d["path"] for d in report["tiny"]] == ["p0/tiny.jpg"]
     assert "p1/blurred.jpg" in {d["path"] for d in report["blurred"]}
     assert report["unreadable"][0]["path"] == "p2/broken.jpg"
-    page = (tmp_path / "out" / "doctor.html").read_text()
+    page = (tmp_path / "out" / "doctor.html").read_text(encoding="utf-8")
     assert "p5/moved.jpg" in page and "data:image/jpeg;base64," in page
     assert np.isfinite([d["margin"] for d in report["mislabelled"]]).all()
 

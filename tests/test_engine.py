@@ -110,7 +110,7 @@ def assert_same_hits(a: list[dict], b: list[dict]) -> None:
 
 
 def generation_file(settings) -> Path:
-    manifest = json.loads(settings.metadata_path.read_text())
+    manifest = json.loads(settings.metadata_path.read_text(encoding="utf-8"))
     return settings.index_path.with_name(manifest["index"]["file"])
 
 

@@ -45,7 +45,7 @@ def test_round_trip_searches_the_same(engine, tmp_path, fmt):
             assert tied or got.image_ids[order[k]] == h["image_id"]
     if fmt == "npy":
         assert np.load(out / "vectors.npy", allow_pickle=False).shape == got.vectors.shape
-        assert set(json.loads((out / "items.json").read_text())) >= {"items", "records", "dim", "count"}
+        assert set(json.loads((out / "items.json").read_text(encoding="utf-8"))) >= {"items", "records", "dim", "count"}
 
 
 class DictStore:

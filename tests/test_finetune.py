@@ -63,7 +63,7 @@ def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings,
     result = ft.finetune(settings, config=cfg, out_path=tmp_path / "ft.safetensors", progress=False)
     assert result.path == tmp_path / "ft.safetensors"
     assert result.sha256 == file_sha256(result.path)
-    sidecar = json.loads(result.path.with_suffix(".json").read_text())
+    sidecar = json.loads(result.path.with_suffix(".json").read_text(encoding="utf-8"))
     assert sidecar["sha256"] == result.sha256 and sidecar["images"] == 48 and sidecar["held_out"] == 16
     assert set(sidecar["validation"]) == {"untuned", "lda", "finetuned", "finetuned+lda"}
     assert sidecar["seconds"]["wall"] > 0 and len(sidecar["history"]) >= 1

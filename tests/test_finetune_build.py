@@ -133,7 +133,7 @@ def test_build_with_finetune_records_it_and_reuses_the_checkpoint(eight, make_se
     assert info["status"] == "finetuned" and info["reused"] is False and len(runs) == 1
     ckpt = settings.cache_dir / info["checkpoint"]
     assert ckpt.parent == settings.cache_dir / "finetuned" and ckpt.suffix == ".safetensors"
-    manifest = json.loads(settings.metadata_path.read_text())
+    manifest = json.loads(settings.metadata_path.read_text(encoding="utf-8"))
     assert manifest["settings"]["tune"] == "finetune"
     assert manifest["settings"]["weights_path"] is None  # the base model stays the setting; the index names its own
     assert manifest["model"]["weights"] == "sha256:" + file_sha256(ckpt) == engine.extractor.weights_fingerprint
@@ -161,7 +161,7 @@ def test_build_with_finetune_records_it_and_reuses_the_checkpoint(eight, make_se
     off = ImageSearchEngine(make_settings(data_dir=eight, tune=False))
     off.build_index()  # an explicit tune: false goes back to the base model
     assert off.extractor.weights_fingerprint != manifest["model"]["weights"]
-    assert json.loads(settings.metadata_path.read_text())["tuning"]["status"] == "off"
+    assert json.loads(settings.metadata_path.read_text(encoding="utf-8"))["tuning"]["status"] == "off"
 
 
 def test_a_missing_checkpoint_is_named_on_load(eight, make_settings, monkeypatch):
@@ -191,7 +191,7 @@ def test_a_declined_finetune_falls_back_to_the_lda_with_the_reason(eight, make_s
     assert engine.extractor.weights_fingerprint == "random-init-seed0"  # the base model
     assert again.tuning["finetune"]["status"] == "declined" and again.tuning["finetune"]["reused"] is True
     assert len(runs) == 1  # the decline is remembered too
-    manifest = json.loads(settings.metadata_path.read_text())
+    manifest = json.loads(settings.metadata_path.read_text(encoding="utf-8"))
     assert manifest["settings"]["tune"] == "finetune" and manifest["tuning"]["finetune"]["status"] == "declined"
 
 

@@ -91,7 +91,7 @@ def test_finetune_with_simulated_unknowns(tmp_path: Path, make_settings, monkeyp
     write_catalog(root, {f"p{i}": 6 for i in range(8)})
     cfg = ft.FinetuneConfig(epochs=3, views=2, batch_size=16, require_gain=False, unknown_fraction=0.25)
     result = ft.finetune(make_settings(data_dir=root), config=cfg, out_path=tmp_path / "ft.safetensors")
-    history = json.loads(result.path.with_suffix(".json").read_text())["history"]
+    history = json.loads(result.path.with_suffix(".json").read_text(encoding="utf-8"))["history"]
     assert "unknown_soft_max_cos" not in history[0]  # the warm-up trains the proxies alone
     assert all("unknown_soft_max_cos" in h for h in history[1:]) and len(history) == 3
     assert result.info["config"]["unknown_fraction"] == 0.25

@@ -203,7 +203,7 @@ def test_save_and_load_round_trip_atomically(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
     assert load_saved_records(path) == load.records
     assert load_saved_records(tmp_path / "missing.json") == {}
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["records"][0]["price"] = 999
     path.write_text(json.dumps(data))
     with pytest.raises(RecordsError, match="checksum"):

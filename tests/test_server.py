@@ -921,7 +921,7 @@ def test_bad_server_settings_are_refused_with_the_key(key, value):
 
 
 def test_the_index_manifest_never_holds_the_token(engine):
-    assert TOKEN not in engine.settings.metadata_path.read_text()
+    assert TOKEN not in engine.settings.metadata_path.read_text(encoding="utf-8")
 
 
 def test_the_cli_has_a_serve_command_and_no_token_flag(capsys):

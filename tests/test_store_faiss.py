@@ -114,7 +114,7 @@ def test_reload_in_a_new_instance_and_manifest_round_trip(tmp_path):
     q = vectors[:2]
     found = [[h.image_id for h in hs] for hs in again.search(q, 5)]
     assert found == [[h.image_id for h in hs] for hs in store.search(q, 5)]
-    on_disk = json.loads((tmp_path / "metadata.json").read_text())
+    on_disk = json.loads((tmp_path / "metadata.json").read_text(encoding="utf-8"))
     assert on_disk["images"]["image_id"] == again.ids()
 
 
@@ -198,7 +198,7 @@ class TestFaissStoreContract(StoreContract):
 def test_a_reader_of_the_previous_metadata_still_finds_its_generation(tmp_path):
     """Another process may read metadata.json just before a commit: the generation it names survives one commit."""
     store, ids, vectors, fields = filled(tmp_path)
-    before = json.loads((tmp_path / "metadata.json").read_text())["files"]["index"]["file"]
+    before = json.loads((tmp_path / "metadata.json").read_text(encoding="utf-8"))["files"]["index"]["file"]
     store.delete(ids[:1])
     assert (tmp_path / before).is_file()
     store.delete(ids[1:2])

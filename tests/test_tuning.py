@@ -145,7 +145,7 @@ def test_build_with_tuning_saves_the_projection_beside_the_index(make_settings, 
     engine = ImageSearchEngine(settings)
     report = engine.build_index()
     assert report.tuning["status"] == "tuned"
-    manifest = json.loads(settings.metadata_path.read_text())
+    manifest = json.loads(settings.metadata_path.read_text(encoding="utf-8"))
     assert manifest["tuning"]["status"] == "tuned"
     assert manifest["projection"]["dim"] == len(SIX) - 1 == engine.get_statistics()["embedding_dim"]
     projection_file = settings.cache_dir / manifest["files"]["projection"]["file"]
