@@ -240,7 +240,7 @@ def test_engine_builds_searches_adds_removes_and_loads_an_approximate_index(make
 
 
 def test_hadamard_rotation_is_orthogonal_and_fixed(data):
-    from lookalike.stores.faiss_index import HadamardRotation
+    from lookalike.stores.rotation import HadamardRotation
 
     database, _ = data
     rot = HadamardRotation(DIM, 32)

@@ -199,3 +199,15 @@ class VectorStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:
+    """StoreInputError unless there is one id, one vector and one field row (with the required fields) per image."""
+    if not (len(ids) == len(vectors) == len(fields)):
+        raise StoreInputError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows: give one of each")
+    for f in fields:
+        missing = [k for k in REQUIRED_FIELDS if k not in f]
+        if missing:
+            raise StoreInputError(
+                f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})"
+            )

@@ -14,12 +14,10 @@ If a save fails, the store reloads the last committed generation, so memory and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ import numpy as np
 
 from .. import files
 from .base import (
-    REQUIRED_FIELDS,
     IndexFileError,
     StoreError,
     StoreFilter,
@@ -35,12 +32,14 @@ from .base import (
     StoreInfo,
     StoreInputError,
     StoreMismatchError,
+    check_rows,
 )
 from .faiss_files import (
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
     columns,
     generation_path,
+    holds_checksum,
     index_info,
     new_build_id,
     read_generation,
@@ -52,46 +51,9 @@ from .faiss_files import (
     utc_now,
 )
 from .faiss_index import DEFAULT_EXACT_BELOW, INDEX_AUTO, METRIC_L2, VectorIndex, choose_index
+from .rwlock import RWLock
 
 logger = logging.getLogger(__name__)
-
-
-class _RWLock:
-    """Many readers or one writer (writers first once waiting, so an edit is never starved by searches)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writing or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writing or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
 
 
 class FaissStore:
@@ -121,7 +83,7 @@ class FaissStore:
         self.index_type = index_type
         self.exact_below = exact_below
         self.device = device
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._pending: dict[str, Any] | None = None
         self._pending_records: dict[str, dict[str, Any]] | None = None
         self._set_empty()
@@ -233,7 +195,7 @@ class FaissStore:
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping[str, Any]]) -> None:
         ids, fields = list(ids), [dict(f) for f in fields]
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        _check_rows(ids, vectors, fields)
+        check_rows(ids, vectors, fields)
         self._check_dim(vectors)
         with self._lock.write():
             self._edit(lambda: self._upsert(ids, vectors, fields))
@@ -272,7 +234,7 @@ class FaissStore:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if not len(ids):
             vectors = np.zeros((0, self.dim or vectors.shape[-1]), np.float32)
-        _check_rows(ids, vectors, fields)
+        check_rows(ids, vectors, fields)
         if len(set(ids)) != len(ids):
             raise StoreError("replace_all got the same image id twice")
         with self._lock.write():
@@ -340,7 +302,7 @@ class FaissStore:
         manifest["images_sha256"] = files.sha256_bytes(files.canonical_json(manifest["images"]))
         with files.folder_lock(self.metadata_path.parent):
             files.atomic_write_bytes(path, data)
-            if table is not None and not _holds(table_path, digest):
+            if table is not None and not holds_checksum(table_path, digest):
                 files.atomic_write_bytes(table_path, table)
             files.atomic_write_json(self.metadata_path, manifest)
             # The previous generation stays one more commit: a reader that read the old metadata a moment ago
@@ -493,25 +455,6 @@ class FaissStore:
 
     def close(self) -> None:
         self._set_empty()
-
-
-def _holds(path: Path, digest: str) -> bool:
-    """Whether ``path`` already holds the bytes of this checksum (content-addressed files are written once)."""
-    try:
-        return files.sha256_bytes(path.read_bytes()) == digest
-    except OSError:
-        return False
-
-
-def _check_rows(ids: list[str], vectors: np.ndarray, fields: list[dict[str, Any]]) -> None:
-    if not (len(ids) == len(vectors) == len(fields)):
-        raise StoreInputError(f"{len(ids)} ids, {len(vectors)} vectors and {len(fields)} field rows: give one of each")
-    for f in fields:
-        missing = [k for k in REQUIRED_FIELDS if k not in f]
-        if missing:
-            raise StoreInputError(
-                f"image fields lack {', '.join(missing)} (every image needs {', '.join(REQUIRED_FIELDS)})"
-            )
 
 
 __all__ = ["FaissStore", "choose_index", "read_generation", "read_manifest"]

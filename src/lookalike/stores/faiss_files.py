@@ -149,4 +149,12 @@ def remove_old_generations(index_path: Path, keep: set[Path]) -> None:
                 old.unlink()
 
 
+def holds_checksum(path: Path, digest: str) -> bool:
+    """Whether ``path`` already holds the bytes of this checksum (content-addressed files are written once)."""
+    try:
+        return files.sha256_bytes(path.read_bytes()) == digest
+    except OSError:
+        return False
+
+
 __all__ = ["INDEX_FORMAT", "INDEX_FORMAT_VERSION", "generation_path", "read_generation", "read_manifest"]
