@@ -38,17 +38,7 @@ def read_generation(metadata_path: Path, index_path: Path) -> tuple[dict[str, An
         if files.sha256_bytes(files.canonical_json(manifest["images"])) != manifest["images_sha256"]:
             raise IndexFileError(f"index metadata {metadata_path} does not match its checksum; rebuild the index")
         info = (manifest.get("files") or {}).get("index") or manifest["index"]
-        path = index_path.with_name(info["file"])
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise IndexFileError(
-                f"index file {path} named by {metadata_path} cannot be read ({exc.strerror or exc})"
-            ) from None
-        if files.sha256_bytes(data) != info.get("sha256"):
-            raise IndexFileError(
-                f"index file {path} does not match the checksum in {metadata_path}; it is damaged, rebuild"
-            )
+        data = verified_bytes(index_path.with_name(info["file"]), info.get("sha256"), metadata_path, "index")
     except (KeyError, TypeError) as exc:
         raise IndexFileError(f"index metadata {metadata_path} lacks {exc}; rebuild the index") from None
     return manifest, data
@@ -116,17 +106,25 @@ def records_file_bytes(records: dict[str, dict[str, Any]]) -> bytes:
     return files.canonical_json({"format": RECORDS_FORMAT, "version": RECORDS_FORMAT_VERSION, "records": table})
 
 
-def read_records_file(index_path: Path, entry: dict[str, Any], metadata_path: Path) -> dict[str, dict[str, Any]]:
-    """The records a manifest's ``files.records`` entry names, verified against its checksum."""
-    path = index_path.with_name(str(entry.get("file")))
+def verified_bytes(path: Path, digest: Any, metadata_path: Path, kind: str) -> bytes:
+    """The bytes of a file the manifest names, checked against its SHA-256 (IndexFileError naming both files)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise IndexFileError(
-            f"records file {path} named by {metadata_path} cannot be read ({exc.strerror or exc}); rebuild"
+            f"{kind} file {path} named by {metadata_path} cannot be read ({exc.strerror or exc}); rebuild"
         ) from None
-    if files.sha256_bytes(data) != entry.get("sha256"):
-        raise IndexFileError(f"records file {path} does not match the checksum in {metadata_path}; it is damaged")
+    if files.sha256_bytes(data) != digest:
+        raise IndexFileError(
+            f"{kind} file {path} does not match the checksum in {metadata_path}; it is damaged, rebuild"
+        )
+    return data
+
+
+def read_records_file(index_path: Path, entry: dict[str, Any], metadata_path: Path) -> dict[str, dict[str, Any]]:
+    """The records a manifest's ``files.records`` entry names, verified against its checksum."""
+    path = index_path.with_name(str(entry.get("file")))
+    data = verified_bytes(path, entry.get("sha256"), metadata_path, "records")
     try:
         table = json.loads(data)
         if table.get("format") != RECORDS_FORMAT or table.get("version") != RECORDS_FORMAT_VERSION:
