@@ -82,7 +82,7 @@ def memoize_trunk_maps(folder: Path) -> None:
 
     real = ft.cache_trunk_maps
 
-    def cached(extractor, trunk, paths, cfg, device, progress):
+    def cached(extractor, trunk, paths, cfg, device, progress, **kw):
         key = json.dumps([[str(p) for p in paths], cfg.views, cfg.tail_blocks, cfg.seed, list(cfg.crop_scale),
                           extractor.input_size, extractor.weights_fingerprint])  # fmt: skip
         path = folder / f"maps-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
@@ -92,7 +92,7 @@ def memoize_trunk_maps(folder: Path) -> None:
             return z["maps"], z["ok"].cpu().numpy()
         import torch
 
-        maps, ok = real(extractor, trunk, paths, cfg, device, progress)
+        maps, ok = real(extractor, trunk, paths, cfg, device, progress, **kw)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"maps": maps.contiguous(), "ok": torch.from_numpy(ok)}, str(path))
         return maps, ok

@@ -45,7 +45,7 @@ def caching(work: Path, model_name: str):
 
     original = ft.cache_trunk_maps
 
-    def cached(extractor, trunk, paths, cfg, device, progress):
+    def cached(extractor, trunk, paths, cfg, device, progress, **kw):
         key = hashlib.sha256(
             json.dumps(
                 [model_name, extractor.input_size, cfg.views, cfg.seed, list(cfg.crop_scale), cfg.tail_blocks]
@@ -56,7 +56,7 @@ def caching(work: Path, model_name: str):
         if maps_file.exists() and ok_file.exists():
             maps = np.load(maps_file, allow_pickle=False)
             return torch.from_numpy(maps).to(device), np.load(ok_file, allow_pickle=False)
-        maps, ok = original(extractor, trunk, paths, cfg, device, progress)
+        maps, ok = original(extractor, trunk, paths, cfg, device, progress, **kw)
         work.mkdir(parents=True, exist_ok=True)
         for f, a in ((maps_file, maps.cpu().numpy()), (ok_file, ok)):
             tmp = f.with_suffix(".tmp.npy")
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--leave-out", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--img-size", type=int, help="input size of the fine-tune and measurement")
     ap.add_argument("--work", type=Path, default=Path("/tmp/outlier-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "outlier_bench.jsonl")
     ap.add_argument("--table", nargs="*", metavar="TAG", help="print the recorded runs (these tags) as markdown")
@@ -220,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, crop_scale=tuple(cfg.crop_scale))
     settings = Settings(
         config_file=None, environ={}, model_name="efficientnet_lite0", data_dir=args.grocery / "catalog",
-        cache_dir=args.work / "cache",
+        cache_dir=args.work / "cache", img_size=args.img_size,
     )  # fmt: skip
     cached = caching(args.work, settings.model_name)
     ft.cache_trunk_maps = cached
     hidden = hidden_products(args.grocery, args.leave_out, args.seed)
     record: dict = {"tag": args.tag, "config": asdict(cfg), "base": args.base, "hidden_products": hidden}
+    if args.img_size:
+        record["img_size"] = args.img_size
     weights = args.weights
     if args.weights is not None:
         record["weights"] = str(args.weights)

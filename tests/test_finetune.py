@@ -39,6 +39,41 @@ def test_tail_of_trunk_is_the_backbone(name: str):
     assert trained and all(id(p) in trained for p in model._conv_head.parameters()) if name != "test_tiny" else True
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "onnx"])
+def test_trunk_maps_on_a_fast_runtime_equal_pytorchs(big_catalog: Path, make_settings, runtime: str):
+    pytest.importorskip("openvino" if runtime == "openvino" else "onnxruntime")
+    settings = make_settings(data_dir=big_catalog)
+    extractor = FeatureExtractor(settings.replace(runtime="torch", precision="fp32"))
+    trunk, _, _ = ft.split_backbone(extractor.model.eval(), 1)
+    paths = sorted(big_catalog.rglob("*.jpg"))[:10]
+    (big_catalog / "broken.jpg").write_bytes(b"not a photo")
+    paths.insert(3, big_catalog / "broken.jpg")
+    cfg = ft.FinetuneConfig(views=3)
+    ref, ok_ref = ft.cache_trunk_maps(extractor, trunk, paths, cfg, "cpu", False)
+    fast, ok = ft.cache_trunk_maps(extractor, trunk, paths, cfg, "cpu", False, runtime=runtime)
+    assert ok.tolist() == ok_ref.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]  # the broken photo is skipped
+    assert fast.dtype == ref.dtype == torch.float16 and fast.shape == ref.shape == (10, 3, 32, 16, 16)
+    torch.testing.assert_close(fast.float(), ref.float(), atol=2e-3, rtol=2e-3)
+    assert len(list((settings.cache_dir / "models").glob("test_tiny-trunk-*-fp32.onnx"))) == 1  # exported once
+
+
+def test_trunk_maps_fall_back_to_pytorch(big_catalog: Path, make_settings, monkeypatch, caplog):
+    from lookalike import runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such runtime here")
+
+    monkeypatch.setattr(runtime, "build_runner", broken)
+    extractor = FeatureExtractor(make_settings(data_dir=big_catalog).replace(runtime="torch", precision="fp32"))
+    trunk, _, _ = ft.split_backbone(extractor.model.eval(), 1)
+    paths = sorted(big_catalog.rglob("*.jpg"))[:4]
+    ref, _ = ft.cache_trunk_maps(extractor, trunk, paths, ft.FinetuneConfig(views=2), "cpu", False)
+    with caplog.at_level("WARNING", logger="lookalike.finetune"):
+        got, _ = ft.cache_trunk_maps(extractor, trunk, paths, ft.FinetuneConfig(views=2), "cpu", False, runtime="onnx")
+    torch.testing.assert_close(got, ref)
+    assert "the trunk does not run on onnx (no such runtime here); caching its maps in PyTorch" in caplog.text
+
+
 def test_split_refuses_other_architectures():
     with pytest.raises(ValueError, match="efficientnet_lite"):
         ft.split_backbone(torch.nn.Linear(2, 2), 1)

@@ -111,6 +111,7 @@ def finetune(
     import torch
 
     from .embedding import FeatureExtractor
+    from .runtime import resolve_runtime
 
     cfg = config or FinetuneConfig()
     outliers.check_config(cfg.unknown_fraction, cfg.unknown_loss, cfg.unknown_weight)
@@ -130,7 +131,9 @@ def finetune(
     torch.manual_seed(cfg.seed)
     trunk, tail, params = split_backbone(model, cfg.tail_blocks)
     model.eval()
-    maps, ok = cache_trunk_maps(extractor, trunk, [im.path for im in images], cfg, device, progress)
+    # The frozen trunk runs where the settings' runtime would run the network (OpenVINO on a CPU by default).
+    runtime = resolve_runtime(settings.runtime, device, "fp32")
+    maps, ok = cache_trunk_maps(extractor, trunk, [im.path for im in images], cfg, device, progress, runtime=runtime)
     labels = labels_all[ok]
     products, y = np.unique(labels, return_inverse=True)
     held = holdout_split(labels)

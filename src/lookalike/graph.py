@@ -17,26 +17,36 @@ from .runtime import _INPUT, _OUTPUT, ONNX_OPSET, center_weights
 from .store import atomic_write_bytes
 
 
-class PixelsToFeatures(nn.Module):
-    """uint8 pixels (B, H, W, 3) -> raw vectors (B, raw_dim): the whole computation, in one exportable graph.
+class PixelsToMaps(nn.Module):
+    """uint8 pixels (B, H, W, 3) -> what ``network`` makes of them after the model's normalisation: an exportable
+    graph. Fine-tuning runs its frozen trunk through it (:func:`lookalike.finetune_net.cache_trunk_maps`).
 
     NHWC input permuted to NCHW is channels_last in memory, which is what oneDNN's convolutions want.
     """
 
-    def __init__(self, backbone: nn.Module, mean, std, pooling: str):
+    def __init__(self, network: nn.Module, mean, std):
         super().__init__()
-        self.backbone = backbone
+        self.network = network
         mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # (x / 255 - mean) / std folded into one multiply-add.
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
+
+    def forward(self, pixels: torch.Tensor):
+        return self.network(pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift)
+
+
+class PixelsToFeatures(PixelsToMaps):
+    """uint8 pixels (B, H, W, 3) -> raw vectors (B, raw_dim): the whole computation, in one exportable graph."""
+
+    def __init__(self, backbone: nn.Module, mean, std, pooling: str):
+        super().__init__(backbone, mean, std)
         self.pooling = pooling
         self._weights: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
-        maps = self.backbone(x)
+        maps = super().forward(pixels)
         return torch.cat([self.pool(m.float()) for m in maps], dim=1)
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
