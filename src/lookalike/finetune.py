@@ -2,11 +2,12 @@
 
 Generic ImageNet features cannot tell apart products that differ in a label or a colour; LDA on frozen features
 only reweights what the backbone already sees. This module trains the backbone's last block(s) and its head
-convolution with a normalised-softmax loss (a cosine classifier over one proxy per product, optionally with a
-CosFace margin) on the catalog's product folders, cheaply enough for a CPU:
+convolution with a normalised-softmax loss (a cosine classifier over one proxy per product with a CosFace margin,
+0.5 by default) on the catalog's product folders, cheaply enough for a CPU:
 
 - the frozen trunk (everything before the trained blocks) runs once per image and per augmented view (random
-  crops, flips, light colour jitter); its feature maps are cached in memory, so an epoch only runs the small tail;
+  crops, flips, light colour jitter) on the fast runtime (OpenVINO on a CPU); its feature maps are cached in
+  memory, so an epoch only runs the small tail;
 - a warm-up trains the product proxies with the backbone frozen, then the tail is trained too (BatchNorm keeps its
   ImageNet statistics: eval mode, only its affine parameters learn);
 - the last quarter of each product's photos (catalog order, as :func:`lookalike.tuning.holdout_split`) is held out
@@ -61,7 +62,7 @@ class FinetuneConfig:
     proxy_lr: float = 1e-2
     weight_decay: float = 1e-4
     scale: float = 24.0  # cosine-logit scale (1 / temperature)
-    margin: float = 0.1  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
+    margin: float = 0.5  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
     loss: str = "cosface"  # cosface or arcface; with margin 0 both are the plain normalised softmax
     refit_all: bool = False  # after early stopping, train again on every photo for the chosen number of epochs
     patience: int = 3  # epochs without a better held-out MAP@R before stopping
