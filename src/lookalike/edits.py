@@ -109,7 +109,9 @@ def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bo
         )
     rel = [images[i].path.relative_to(engine.data_root).as_posix() for i in good]
     labels = [images[i].product_id for i in good]
-    adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=tune)
+    # "finetune" tells adapt the features are fine-tuned; a declined fine-tune left the base model's features
+    fitted = True if tune == TUNE_FINETUNE and (finetune is None or finetune.weights is None) else tune
+    adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=fitted)
     if finetune is not None:
         adaptation = replace(adaptation, tuning={**adaptation.tuning, "finetune": finetune.info})
     fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
@@ -141,7 +143,7 @@ def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bo
     return report
 
 
-def in_memory(settings, extractor, raw: np.ndarray, paths: list[str], product_ids: list[str], *, tune: bool):
+def in_memory(settings, extractor, raw: np.ndarray, paths: list[str], product_ids: list[str], *, tune: bool | str):
     """(store, adaptation) over already extracted raw vectors, in memory only (evaluation): nothing is written.
     ``paths`` are relative to ``settings.data_dir``."""
     from .manifest import build_manifest

@@ -234,7 +234,7 @@ class ImageSearchEngine:
         logger.info("loaded index %s: %d images", manifest.get("build_id"), store.count())
 
     @classmethod
-    def from_vectors(cls, settings: Settings, extractor, raw: np.ndarray, paths, product_ids, *, tune: bool):
+    def from_vectors(cls, settings: Settings, extractor, raw: np.ndarray, paths, product_ids, *, tune: bool | str):
         """An engine over already extracted raw vectors, in memory only (evaluation): nothing is written.
         ``paths`` are relative to ``settings.data_dir``."""
         engine = cls(settings, extractor=extractor)

@@ -364,12 +364,14 @@ def describe_no_match(nm: dict[str, Any]) -> str:
 
 def _with_finetuned(settings: Settings, catalog_dir, *, exclude=(), progress=None) -> tuple[Settings, dict]:
     """``settings`` extracting with the weights fine-tuned on ``catalog_dir`` (without ``exclude``) and the LDA on
-    top (tune true), and the fine-tune's record; the base weights and the LDA alone when it declines."""
+    top (tune "finetune", as a build fits it), and the fine-tune's record; the base weights and the LDA alone (tune
+    true) when it declines."""
     from .finetuned import finetuned_weights
 
     outcome = finetuned_weights(settings, data_dir=catalog_dir, exclude_products=exclude, progress=progress)
-    weights = outcome.weights if outcome.weights is not None else settings.weights_path
-    return settings.replace(weights_path=weights, tune=True), outcome.info
+    if outcome.weights is None:
+        return settings.replace(tune=True), outcome.info
+    return settings.replace(weights_path=outcome.weights, tune=TUNE_FINETUNE), outcome.info
 
 
 def _hidden_choice(catalog_labels, probe_labels, n_out: int, seed: int) -> set[str]:
