@@ -10,7 +10,7 @@ import pytest
 from conftest import product_image, write_catalog
 from lookalike import ImageSearchEngine, IndexFileError
 from lookalike.cli import main
-from lookalike.evaluation import evaluate
+from lookalike.evaluation import describe_no_match, evaluate
 from lookalike.tuning import (
     MIN_PRODUCTS,
     Projection,
@@ -223,6 +223,9 @@ def test_evaluate_with_tuning_fits_on_the_catalog_only(make_settings, tmp_path):
     assert nm["hidden_product_queries"] == 2 * 4
     assert 0.0 <= nm["auroc"] <= 1.0
     assert 0.0 <= nm["wrong_no_match_rate"] <= 1.0 and 0.0 <= nm["right_no_match_rate"] <= 1.0
+    # every in-catalog photo is answered right here, so the right answers flagged match are those not flagged "no"
+    assert nm["correct_flagged_match_rate"] == pytest.approx(1.0 - nm["wrong_no_match_rate"])
+    assert f"{nm['correct_flagged_match_rate']:.1%} of right answers flagged match" in describe_no_match(nm)
 
 
 def test_leaving_out_products_needs_queries(make_settings, six):

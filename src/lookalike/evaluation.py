@@ -359,6 +359,8 @@ def describe_no_match(nm: dict[str, Any]) -> str:
             f"; at the calibrated threshold {nm['threshold']:.3f}: {nm['wrong_no_match_rate']:.1%} of in-catalog "
             f"photos answered 'no match' (wrong), {nm['right_no_match_rate']:.1%} of left-out ones (right)"
         )
+        if nm.get("correct_flagged_match_rate") is not None:  # absent from results saved before it was measured
+            line += f"; {nm['correct_flagged_match_rate']:.1%} of right answers flagged match"
     return line
 
 
@@ -417,6 +419,8 @@ def _no_match_run(settings, extractor, catalog: LabelledSet, probe: LabelledSet,
     if threshold is not None:
         out["wrong_no_match_rate"] = float(np.mean(best_a[inside] < threshold))  # in catalog, answered "no match"
         out["right_no_match_rate"] = float(np.mean(best_a[~inside] < threshold))  # hidden, answered "no match"
+        correct = inside & np.array(right)  # the right product first: flagged match, as it should be?
+        out["correct_flagged_match_rate"] = float(np.mean(best_a[correct] >= threshold)) if correct.any() else None
         out["in_catalog_recall@1_when_matched"] = float(
             np.mean(np.array(right)[inside & (best_a >= threshold)]) if np.any(inside & (best_a >= threshold)) else 0.0
         )
