@@ -99,7 +99,8 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     dim = 1280
     out = {}
     for tune in (False, True):
-        a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=tune)
+        fitted = ("finetune" if weights is not None else True) if tune else False  # fine-tuned features: its rule
+        a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=fitted)
         db, q = a.transform(cat_raw[keep], dim), a.transform(q_raw, dim)
         if a.projection is None:
             cal = openset.calibrate(db, cat_labels[keep])
