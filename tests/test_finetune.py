@@ -122,6 +122,31 @@ def test_excluded_products_are_not_seen(big_catalog: Path, make_settings, tmp_pa
     assert result.info["products"] == 6 and result.info["excluded_products"] == ["p0", "p1"]
 
 
+def test_a_large_catalog_trains_on_a_bounded_sample(big_catalog: Path, make_settings, tmp_path: Path, caplog):
+    cfg = ft.FinetuneConfig(epochs=1, views=1, batch_size=16, require_gain=False, max_photos=40)
+    with caplog.at_level("INFO", logger="lookalike.finetune"):
+        result = ft.finetune(
+            make_settings(data_dir=big_catalog), config=cfg, progress=False, out_path=tmp_path / "s.safetensors"
+        )
+    assert result.info["sampled"] == {"photos": 40, "of_photos": 48, "products": 8, "of_products": 8}
+    assert result.info["images"] == 40 and result.info["held_out"] == 8  # five photos a product, its last one held
+    assert "training on a sample of 40 of 48 photos (8 of 8 products; max_photos 40)" in caplog.text
+    cfg = ft.FinetuneConfig(epochs=1, views=1, batch_size=16, require_gain=False)  # the default max_photos
+    whole = ft.finetune(make_settings(data_dir=big_catalog), config=cfg, progress=False, out_path=tmp_path / "w.st")
+    assert whole.info["sampled"] is None and whole.info["images"] == 48
+
+
+def test_sample_photos_shares_the_budget_between_products():
+    labels = np.array([f"p{i}" for i, n in enumerate([10, 2, 7, 30, 5]) for _ in range(n)], dtype=object)
+    kept = ft.sample_photos(labels, 16, seed=0)
+    assert list(kept) == sorted(kept) and len(set(kept)) == len(kept)
+    assert [int(np.sum(labels[kept] == f"p{i}")) for i in range(5)] == [3, 2, 3, 3, 3]  # 16 // 5 < 3: three each
+    assert list(ft.sample_photos(labels, 16, seed=0)) == list(kept)  # seeded
+    few = ft.sample_photos(labels, 9, seed=0)  # three photos of five products would not fit: three products keep them
+    assert len(few) == 9 and len(set(labels[few])) == 3
+    assert all(int(np.sum(labels[few] == p)) == 3 for p in set(labels[few]))
+
+
 def test_safetensors_weights_path_errors_name_the_file(tmp_path: Path):
     from lookalike.backbones import WeightsUnavailableError
 

@@ -76,6 +76,9 @@ class FinetuneConfig:
     unknown_weight: float = 1.0
     unknown_margin: float = 0.4
     unknown_rotate: bool = True  # a new group every epoch; False: one group plays unknown all along (never learnt)
+    # At most this many photos train (a seeded sample, every product keeping a share while they fit): the cached maps
+    # take about 100 KB a photo at 4 views, so this bounds memory (~1.2 GB) and time on a large catalog.
+    max_photos: int = 12_000
 
 
 @dataclass
@@ -126,6 +129,16 @@ def finetune(
             f"{MIN_IMAGES_PER_PRODUCT}; fine-tuning needs {MIN_IMAGES} photos and {MIN_PRODUCTS} such products "
             "(use tune: true, the LDA, instead)"
         )
+    sampled = None
+    if len(images) > cfg.max_photos:
+        kept = sample_photos(labels_all, cfg.max_photos, cfg.seed)
+        sampled = {"photos": len(kept), "of_photos": len(images), "products": len(set(labels_all[kept]))}
+        sampled["of_products"] = len(set(labels_all))
+        logger.info(
+            "fine-tune: training on a sample of %d of %d photos (%d of %d products; max_photos %d)",
+            sampled["photos"], sampled["of_photos"], sampled["products"], sampled["of_products"], cfg.max_photos,
+        )  # fmt: skip
+        images, labels_all = [images[i] for i in kept], labels_all[kept]
     extractor = FeatureExtractor(settings.replace(runtime="torch", precision="fp32", data_dir=root))
     device = extractor.device
     model = extractor.model.to(device)
@@ -263,6 +276,7 @@ def finetune(
         "images": len(labels),
         "held_out": len(val_rows),
         "excluded_products": sorted(exclude_products),
+        "sampled": sampled,
         "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda},
         "history": history,
         "refit_history": refit_history,
@@ -288,6 +302,26 @@ def finetune(
         lda_q["map@r"], path,
     )  # fmt: skip
     return FinetuneResult(path, sha, info)
+
+
+def sample_photos(labels: np.ndarray, max_photos: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded sample of at most ``max_photos`` photos: every product keeps up to an equal
+    share (at least MIN_IMAGES_PER_PRODUCT), and when even that many of every product would not fit, a seeded
+    choice of products keeps it. Rows stay in catalog order, so the held-out split still takes each product's last
+    photos."""
+    rng = np.random.default_rng(seed)
+    products, inverse = np.unique(labels, return_inverse=True)
+    by_product = np.argsort(inverse, kind="stable")  # rows grouped by product, in catalog order within each
+    bounds = np.searchsorted(inverse[by_product], np.arange(len(products) + 1))
+    share = max(MIN_IMAGES_PER_PRODUCT, max_photos // len(products))
+    chosen = np.arange(len(products))
+    if len(products) * share > max_photos:
+        chosen = rng.choice(len(products), max_photos // share, replace=False)
+    kept = []
+    for p in chosen:
+        rows = by_product[bounds[p] : bounds[p + 1]]
+        kept.append(rows if len(rows) <= share else rng.choice(rows, share, replace=False))
+    return np.sort(np.concatenate(kept))
 
 
 def save_checkpoint(state: dict, info: dict, out_path, cache_dir: Path, model_name: str) -> Path:
