@@ -147,6 +147,27 @@ def test_sample_photos_shares_the_budget_between_products():
     assert all(int(np.sum(labels[few] == p)) == 3 for p in set(labels[few]))
 
 
+def test_distillation_keeps_the_base_lda_neighbourhoods(big_catalog: Path, make_settings, tmp_path: Path):
+    from lookalike.ranking import l2_normalize
+    from lookalike.tuning import SHRINKAGE, lda
+
+    settings = make_settings(data_dir=big_catalog)
+    photos = sorted(big_catalog.rglob("*.jpg"))
+    labels = np.array([p.parent.name for p in photos], dtype=object)
+    raw = FeatureExtractor(settings).extract(photos).vectors
+    mean, matrix = lda(raw, labels, SHRINKAGE)
+    target = l2_normalize((raw - mean) @ matrix)
+
+    def gap(weight: float) -> float:  # how far the fine-tuned similarities are from the base LDA's
+        cfg = ft.FinetuneConfig(epochs=3, views=1, batch_size=16, lr=1e-2, require_gain=False, distill_weight=weight)
+        result = ft.finetune(settings, config=cfg, progress=False, out_path=tmp_path / f"d{weight}.safetensors")
+        tuned = FeatureExtractor(settings.replace(weights_path=result.path)).extract(photos).vectors
+        emb = l2_normalize(tuned[:, : raw.shape[1] - 32])  # the test backbone's embedding (its aux map has 32)
+        return float(np.mean((emb @ emb.T - target @ target.T) ** 2))
+
+    assert gap(200.0) < gap(0.0)
+
+
 def test_safetensors_weights_path_errors_name_the_file(tmp_path: Path):
     from lookalike.backbones import WeightsUnavailableError
 

@@ -9,7 +9,8 @@ convolution with a normalised-softmax loss (a cosine classifier over one proxy p
   crops, flips, light colour jitter) on the fast runtime (OpenVINO on a CPU); its feature maps are cached in
   memory, so an epoch only runs the small tail;
 - a warm-up trains the product proxies with the backbone frozen, then the tail is trained too (BatchNorm keeps its
-  ImageNet statistics: eval mode, only its affine parameters learn);
+  ImageNet statistics: eval mode, only its affine parameters learn); optionally (``distill_weight``) its loss
+  also keeps each batch's cosine similarities near those of the LDA on the base model (relational distillation);
 - the last quarter of each product's photos (catalog order, as :func:`lookalike.tuning.holdout_split`) is held out
   of the fit and decides early stopping; query photos are never seen;
 - the result must beat both the untuned features and the LDA projection (:mod:`lookalike.tuning`) on those held-out
@@ -79,6 +80,10 @@ class FinetuneConfig:
     # At most this many photos train (a seeded sample, every product keeping a share while they fit): the cached maps
     # take about 100 KB a photo at 4 views, so this bounds memory (~1.2 GB) and time on a large catalog.
     max_photos: int = 12_000
+    # Relational distillation: keep the batch's cosine similarities close to those of the LDA on the base model
+    # (what tune: true indexes), so the fine-tune adds to what the base model knew instead of replacing it. 0: off.
+    # 64 lifted the whole Grocery catalog's dev photos but made its halves decline the fine-tune (docs/quality.md).
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -171,6 +176,9 @@ def finetune(
         lda_q["product_recall@1"], lda_q["map@r"],
     )  # fmt: skip
 
+    target = None  # the base model's LDA vectors, which distillation keeps the batch's similarities close to
+    if cfg.distill_weight > 0:
+        target = torch.nn.functional.normalize(torch.from_numpy((raw0 - mean) @ matrix), dim=1).to(device)
     # Proxies start at the products' mean embedding, so the warm-up only polishes them.
     emb0 = torch.nn.functional.normalize(torch.from_numpy(raw0[:, : extractor.dim]), dim=1)
     init = torch.zeros(len(products), extractor.dim).index_add_(0, torch.from_numpy(y), emb0)
@@ -221,6 +229,9 @@ def finetune(
                     main, _ = tail(x)
                 emb = torch.nn.functional.normalize(_pool(main, settings.pooling), dim=1)
                 loss, stats = _proxy_loss(emb, proxies, y_t[rows], cfg, unknown_t)
+                if target is not None and not frozen:
+                    t = target[rows]
+                    loss = loss + cfg.distill_weight * ((emb @ emb.T - t @ t.T) ** 2).mean()
                 unknown_cos += [stats["unknown_soft_max_cos"]] if "unknown_soft_max_cos" in stats else []
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
