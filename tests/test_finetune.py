@@ -136,6 +136,11 @@ def test_a_large_catalog_trains_on_a_bounded_sample(big_catalog: Path, make_sett
     assert whole.info["sampled"] is None and whole.info["images"] == 48
 
 
+def test_max_photos_below_the_minimum_is_refused(big_catalog: Path, make_settings):
+    with pytest.raises(ValueError, match="max_photos must be at least 40"):  # MIN_IMAGES, as the fixture sets it
+        ft.finetune(make_settings(data_dir=big_catalog), config=ft.FinetuneConfig(max_photos=39), progress=False)
+
+
 def test_sample_photos_shares_the_budget_between_products():
     labels = np.array([f"p{i}" for i, n in enumerate([10, 2, 7, 30, 5]) for _ in range(n)], dtype=object)
     kept = ft.sample_photos(labels, 16, seed=0)

@@ -124,6 +124,8 @@ def finetune(
 
     cfg = config or FinetuneConfig()
     outliers.check_config(cfg.unknown_fraction, cfg.unknown_loss, cfg.unknown_weight)
+    if cfg.max_photos < MIN_IMAGES:
+        raise ValueError(f"max_photos must be at least {MIN_IMAGES} (the fewest photos a fine-tune learns from)")
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     root = Path(data_dir if data_dir is not None else settings.data_dir).expanduser().resolve()
     images = [im for im in scan_catalog(root) if im.product_id not in exclude_products]
