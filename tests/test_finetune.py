@@ -100,8 +100,9 @@ def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings,
     assert result.sha256 == file_sha256(result.path)
     sidecar = json.loads(result.path.with_suffix(".json").read_text(encoding="utf-8"))
     assert sidecar["sha256"] == result.sha256 and sidecar["images"] == 48 and sidecar["held_out"] == 16
-    assert set(sidecar["validation"]) == {"untuned", "lda", "finetuned", "finetuned+lda"}
+    assert set(sidecar["validation"]) == {"untuned", "lda", "finetuned", "finetuned+lda", "ensemble"}
     assert sidecar["seconds"]["wall"] > 0 and len(sidecar["history"]) >= 1
+    assert sidecar["ensemble"] == {"dim": 64, "aux": 32}
 
     base = FeatureExtractor(settings)
     tuned = FeatureExtractor(settings.replace(weights_path=result.path))
@@ -110,6 +111,13 @@ def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings,
     photo = sorted(big_catalog.glob("p0/*.jpg"))[0]
     a, b = base.extract_features(photo), tuned.extract_features(photo)
     assert a.shape == b.shape and not np.allclose(a, b)  # the head really changed
+    # The two-tail network: [tuned main, base main, tuned aux, base aux], its base parts the base model's own
+    raw_a, raw_b = base.extract([photo]).vectors[0], tuned.extract([photo]).vectors[0]
+    assert tuned.raw_dim == 2 * base.raw_dim == 192
+    np.testing.assert_allclose(raw_b[:64], b, rtol=1e-6)
+    np.testing.assert_allclose(raw_b[64:128], raw_a[:64], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(raw_b[160:], raw_a[64:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(raw_b[128:160], raw_a[64:], rtol=1e-4, atol=1e-5)  # TinyNet's aux: the shared trunk
 
 
 def test_excluded_products_are_not_seen(big_catalog: Path, make_settings, tmp_path: Path, monkeypatch):
@@ -239,3 +247,13 @@ def test_finetune_with_simulated_unknowns_runs(big_catalog: Path, make_settings,
     cfg = ft.FinetuneConfig(epochs=3, views=1, batch_size=16, require_gain=False, unknown_fraction=0.25)
     result = ft.finetune(make_settings(data_dir=big_catalog), config=cfg, out_path=tmp_path / "u.st", progress=False)
     assert len(result.info["history"]) >= 2 and all(np.isfinite(h["loss"]) for h in result.info["history"])
+
+
+def test_ensemble_off_saves_the_fine_tuned_backbone_alone(big_catalog: Path, make_settings, tmp_path: Path):
+    settings = make_settings(data_dir=big_catalog)
+    cfg = ft.FinetuneConfig(epochs=2, views=1, batch_size=16, require_gain=False, ensemble=False)
+    result = ft.finetune(settings, config=cfg, out_path=tmp_path / "one.safetensors", progress=False)
+    assert result.info["ensemble"] is None and result.info["calibration"] is None
+    assert result.info["validation"]["ensemble"] is None
+    tuned = FeatureExtractor(settings.replace(weights_path=result.path))
+    assert tuned.raw_dim == FeatureExtractor(settings).raw_dim  # the backbone's own layout

@@ -165,7 +165,13 @@ def test_build_with_finetune_records_it_and_reuses_the_checkpoint(eight, make_se
     assert manifest["settings"]["tune"] == "finetune"
     assert manifest["settings"]["weights_path"] is None  # the base model stays the setting; the index names its own
     assert manifest["model"]["weights"] == "sha256:" + file_sha256(ckpt) == engine.extractor.weights_fingerprint
-    assert report.tuning["status"] in {"tuned", "declined"}  # the LDA on top, decided by its own check
+    assert report.tuning["status"] == "tuned" and report.tuning["method"] == "ensemble"  # with the base model's LDA
+    assert manifest["projection"]["method"] == "ensemble"
+    # the no-match threshold from the fine-tune's run without some products, the one its report holds
+    sidecar = json.loads(ckpt.with_suffix(".json").read_text(encoding="utf-8"))
+    assert sidecar["calibration"]["hidden_products"] == 2
+    assert manifest["calibration"]["source"] == "fine-tune"
+    assert manifest["calibration"]["threshold"] == sidecar["calibration"]["threshold"]
     query = tmp_path / "q.jpg"
     product_image(3, 77).save(query)
     before = engine.search(query, top_k=3)

@@ -89,6 +89,45 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_backbones())}") from None
 
 
+def spec_for(name: str, weights_path: Path | str | None = None) -> BackboneSpec:
+    """The spec of ``name`` as ``weights_path`` makes it: a ``tune: finetune`` checkpoint holding a fine-tuned tail
+    beside the base network (:class:`lookalike.nets.TwoTailMaps`) gives a spec whose raw vector is the tuned
+    embedding followed by the base model's main and both models' auxiliary features; anything else the registered
+    spec."""
+    spec = get_backbone(name)
+    tail_blocks = two_tail_blocks(weights_path)
+    if tail_blocks is None:
+        return spec
+    from dataclasses import replace
+
+    def architecture(spec: BackboneSpec = spec, tail_blocks: int = tail_blocks) -> Any:
+        from .nets import TwoTailMaps
+
+        return TwoTailMaps(spec.architecture(), tail_blocks)
+
+    return replace(
+        spec, architecture=architecture, load_state=_load_local, aux_dims=(spec.dim, *spec.aux_dims, *spec.aux_dims)
+    )
+
+
+def two_tail_blocks(weights_path: Path | str | None) -> int | None:
+    """How many blocks the fine-tuned tail of a two-tail checkpoint spans (None: not such a checkpoint). Reads the
+    safetensors header only (its JSON metadata), so it needs neither torch nor the tensors."""
+    import json
+    import struct
+
+    if weights_path is None or Path(weights_path).suffix != ".safetensors":
+        return None
+    try:
+        with open(Path(weights_path).expanduser(), "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(size, 100_000_000)))
+        meta = json.loads(header.get("__metadata__", {}).get("lookalike", "{}"))
+        return int(meta["two_tail"]) if meta.get("two_tail") else None
+    except (OSError, ValueError, struct.error, TypeError, AttributeError):
+        return None  # not ours, or unreadable: loading it says what is wrong
+
+
 @dataclass
 class LoadedBackbone:
     spec: BackboneSpec
@@ -100,7 +139,7 @@ def build_backbone(name: str, *, weights_path: Path | None = None, pretrained: b
     """The backbone ``name`` with its weights loaded, in eval mode on the CPU."""
     import torch
 
-    spec = get_backbone(name)
+    spec = spec_for(name, weights_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random-init backbones are the same in every process
         module = spec.architecture()

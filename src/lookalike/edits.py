@@ -74,7 +74,7 @@ def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bo
 
     from .cache import embed_with_cache
     from .catalog import find_duplicates, scan_catalog
-    from .finetuned import finetuned_weights
+    from .finetuned import ensemble_for, finetuned_weights
     from .manifest import build_manifest, save_projection
     from .settings import TUNE_FINETUNE, parse_tune
     from .tuning import adapt
@@ -111,7 +111,9 @@ def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bo
     labels = [images[i].product_id for i in good]
     # "finetune" tells adapt the features are fine-tuned; a declined fine-tune left the base model's features
     fitted = True if tune == TUNE_FINETUNE and (finetune is None or finetune.weights is None) else tune
-    adaptation = adapt(emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=fitted)
+    adaptation = adapt(
+        emb.vectors[good], np.array(labels, dtype=object), extractor.dim, tune=fitted, ensemble=ensemble_for(extractor)
+    )
     if finetune is not None:
         adaptation = replace(adaptation, tuning={**adaptation.tuning, "finetune": finetune.info})
     fields = [{"product_id": p, "path": r, "format": emb.formats[i]} for p, r, i in zip(labels, rel, good)]
@@ -146,11 +148,13 @@ def rebuild(engine, store, *, force: bool, tune: bool | str | None, progress: bo
 def in_memory(settings, extractor, raw: np.ndarray, paths: list[str], product_ids: list[str], *, tune: bool | str):
     """(store, adaptation) over already extracted raw vectors, in memory only (evaluation): nothing is written.
     ``paths`` are relative to ``settings.data_dir``."""
+    from .finetuned import ensemble_for
     from .manifest import build_manifest
     from .stores import open_scratch_store
     from .tuning import adapt
 
-    adaptation = adapt(raw, np.array(product_ids, dtype=object), extractor.dim, tune=tune)
+    ensemble = ensemble_for(extractor)
+    adaptation = adapt(raw, np.array(product_ids, dtype=object), extractor.dim, tune=tune, ensemble=ensemble)
     metric = settings.similarity_metric
     store = open_scratch_store(settings, metric=metric, dim=extractor.dim)
     store.set_manifest(build_manifest(settings, extractor, adaptation, [], None))

@@ -22,7 +22,7 @@ from itertools import islice
 import numpy as np
 from PIL import Image
 
-from .backbones import get_backbone, weights_fingerprint
+from .backbones import spec_for, weights_fingerprint
 from .imaging import ImageError, ImageSource, describe, open_image
 from .runtime import CALIBRATION_VERSION, CENTER_SIGMA, build_runner, center_weights, resolve_precision, resolve_runtime
 from .settings import Settings
@@ -79,7 +79,7 @@ class FeatureExtractor:
         self.runtime = resolve_runtime(self.settings.runtime, self.device, self.precision)
         if self.settings.runtime == "auto":
             self.logger.info("runtime auto: %s (%s on %s)", self.runtime, self.precision, self.device)
-        self.spec = get_backbone(self.settings.model_name)
+        self.spec = spec_for(self.settings.model_name, self.settings.weights_path)
         self._loaded = None
         fingerprint = weights_fingerprint(
             self.spec.name, weights_path=self.settings.weights_path, pretrained=self.settings.pretrained

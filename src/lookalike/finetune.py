@@ -39,7 +39,19 @@ from .catalog import scan_catalog
 from .files import atomic_write_bytes
 from .finetune_net import _pool, _proxy_loss, _raw, cache_trunk_maps, split_backbone
 from .settings import Settings
-from .tuning import MIN_IMAGES_PER_PRODUCT, MIN_PRODUCTS, SHRINKAGE, eligible, holdout_quality, holdout_split, lda
+from .tuning import (
+    MIN_IMAGES_PER_PRODUCT,
+    MIN_PRODUCTS,
+    SHRINKAGE,
+    Ensemble,
+    calibrate_ensemble,
+    eligible,
+    fit_ensemble,
+    holdout_quality,
+    holdout_split,
+    lda,
+    two_tail_raw,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +96,14 @@ class FinetuneConfig:
     # (what tune: true indexes), so the fine-tune adds to what the base model knew instead of replacing it. 0: off.
     # 64 lifted the whole Grocery catalog's dev photos but made its halves decline the fine-tune (docs/quality.md).
     distill_weight: float = 0.0
+    # The saved network keeps the base model's tail beside the fine-tuned one (lookalike.nets.TwoTailMaps): the index
+    # compares the mean of the fine-tuned cosine and the base model's LDA cosine (tuning.fit_ensemble). False: the
+    # fine-tuned backbone alone, with the LDA refitted on it.
+    ensemble: bool = True
+    # The ensemble's no-match threshold comes from a second, shorter run that never learns this share of the
+    # products (seeded), scoring their photos against the rest (tuning.calibrate_ensemble). 0: no such run (the
+    # threshold is then calibrated on products the fine-tune has learnt, and comes out too low).
+    calibration_fraction: float = 0.25
 
 
 @dataclass
@@ -275,10 +295,31 @@ def finetune(
     ft_lda = holdout_quality(
         (raw_ft[fit_rows] - mean) @ matrix, labels[fit_rows], (raw_ft[val_rows] - mean) @ matrix, labels[val_rows]
     )
+    ens_q, calibration, ensemble = None, None, Ensemble(extractor.dim, raw0.shape[1] - extractor.dim)
+    if cfg.ensemble:
+        both = two_tail_raw(raw_ft, raw0, extractor.dim)
+        proj = fit_ensemble(both[fit_rows], labels[fit_rows], ensemble)
+        fitted, held_out = proj.apply(both[fit_rows]), proj.apply(both[val_rows])
+        ens_q = holdout_quality(fitted, labels[fit_rows], held_out, labels[val_rows])
+        logger.info("fine-tune: held-out recall@1 / MAP@R of the ensemble %.3f / %.3f", ens_q["product_recall@1"],
+                    ens_q["map@r"])  # fmt: skip
     refit_history: list = []
     if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
         # The held-out photos chose the epoch count and judged the model; the kept model learns from them too.
         _, best_state, refit_history = train(np.arange(len(labels)), best["epoch"], False, "fine-tune: refit on all")
+    if cfg.ensemble and cfg.calibration_fraction > 0 and best["epoch"] > cfg.warmup_epochs:
+        # The same recipe, as many epochs, without a seeded group of products: their photos are then what a
+        # product the index does not hold looks like to this kind of network.
+        unknown = outliers.pick_unknown(len(products), cfg.calibration_fraction, np.random.default_rng(cfg.seed + 3))
+        unknown_rows = unknown[y]
+        train(fit_rows[~unknown_rows[fit_rows]], best["epoch"], False, "fine-tune: calibration run")
+        _, raw_cal = validate()
+        calibration = calibrate_ensemble(two_tail_raw(raw_cal, raw0, extractor.dim), labels, unknown_rows, ensemble)
+        if calibration is not None:
+            logger.info(
+                "fine-tune: no-match threshold %.3f from %d products it never learnt (held-out AUROC %.3f)",
+                calibration["threshold"], calibration["hidden_products"], calibration["auroc_on_catalog"],
+            )  # fmt: skip
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     info = {
         "method": "finetune",
@@ -290,7 +331,9 @@ def finetune(
         "held_out": len(val_rows),
         "excluded_products": sorted(exclude_products),
         "sampled": sampled,
-        "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda},
+        "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda, "ensemble": ens_q},
+        "ensemble": {"dim": ensemble.dim, "aux": ensemble.aux} if cfg.ensemble else None,
+        "calibration": calibration,
         "history": history,
         "refit_history": refit_history,
         "seconds": {"wall": round(wall, 3), "cpu": round(cpu, 3), "cache_wall": round(cache_s, 3)},
@@ -298,14 +341,20 @@ def finetune(
     }
     # The fine-tuned model is kept when it (alone, or with the LDA refitted on its features, which is what an index
     # built with it and tune: true uses) beats the LDA on the base model's features on held-out MAP@R.
-    if cfg.require_gain and max(best["map@r"], ft_lda["map@r"]) <= lda_q["map@r"]:
+    # (or, with ensemble, the mean of the fine-tuned and the base model's LDA cosines)
+    kept = best["map@r"], ft_lda["map@r"], ens_q["map@r"] if ens_q else 0.0
+    if cfg.require_gain and max(kept) <= lda_q["map@r"]:
+        also = f", {ens_q['map@r']:.3f} as the ensemble" if ens_q else ""
         raise FinetuneDeclined(
             f"on held-out catalog photos the fine-tuned model scored MAP@R {best['map@r']:.3f} "
-            f"({ft_lda['map@r']:.3f} with the LDA on top), the LDA on the base model {lda_q['map@r']:.3f}; "
+            f"({ft_lda['map@r']:.3f} with the LDA on top{also}), the LDA on the base model {lda_q['map@r']:.3f}; "
             "keeping the base model (tune: true)"
         )
-    state = {k: v.detach().to("cpu").contiguous() for k, v in best_state.items()}
-    path = save_checkpoint(state, info, out_path, Path(settings.cache_dir), extractor.spec.name)
+    model.load_state_dict(best_state)
+    state = two_tail_state(model, cfg.tail_blocks, init_state) if cfg.ensemble else best_state
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    two_tail = cfg.tail_blocks if cfg.ensemble else None
+    path = save_checkpoint(state, info, out_path, Path(settings.cache_dir), extractor.spec.name, two_tail=two_tail)
     sha = file_sha(path)
     info["sha256"] = sha
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
@@ -337,11 +386,30 @@ def sample_photos(labels: np.ndarray, max_photos: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(kept))
 
 
-def save_checkpoint(state: dict, info: dict, out_path, cache_dir: Path, model_name: str) -> Path:
-    """The state dict as safetensors, written atomically; the default name carries its content hash."""
+def two_tail_state(model, tail_blocks: int, base_state: dict) -> dict:
+    """The state dict of a :class:`lookalike.nets.TwoTailMaps` whose tuned tail is ``model``'s (fine-tuned) tail
+    and whose base network is ``model`` with ``base_state`` (its weights before fine-tuning)."""
+    import copy
+
+    from .nets import TwoTailMaps
+
+    tuned = copy.deepcopy(model.tail_parts(tail_blocks)).state_dict()
+    base = copy.deepcopy(model)
+    base.load_state_dict(base_state)
+    two = TwoTailMaps(base, tail_blocks)
+    two.tuned.load_state_dict(tuned)
+    return two.state_dict()
+
+
+def save_checkpoint(
+    state: dict, info: dict, out_path, cache_dir: Path, model_name: str, *, two_tail: int | None = None
+) -> Path:
+    """The state dict as safetensors, written atomically; the default name carries its content hash. ``two_tail``:
+    the state is a TwoTailMaps' with a tail of that many blocks (recorded in the metadata the loader reads)."""
     from safetensors.torch import save
 
-    data = save(state, metadata={"lookalike": json.dumps({"method": "finetune", "base_model": model_name})})
+    meta = {"method": "finetune", "base_model": model_name, **({"two_tail": two_tail} if two_tail else {})}
+    data = save(state, metadata={"lookalike": json.dumps(meta)})
     if out_path is None:
         out_path = cache_dir / "finetuned" / f"{model_name}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
     path = Path(out_path)

@@ -25,7 +25,6 @@ def split_backbone(model: Any, tail_blocks: int):
 
     Supports the EfficientNet-Lite backbones and the tiny test backbone; other architectures raise ValueError.
     """
-    import torch
     from torch import nn
 
     from .nets import EfficientNetLiteMaps, TinyNet
@@ -34,39 +33,22 @@ def split_backbone(model: Any, tail_blocks: int):
         n = len(model._blocks)
         if not 1 <= tail_blocks < n:
             raise ValueError(f"tail_blocks must be between 1 and {n - 1}, got {tail_blocks}")
-        first = n - tail_blocks
+    elif not isinstance(model, TinyNet):
+        raise ValueError(
+            f"fine-tuning supports the efficientnet_lite backbones (and test_tiny), not {type(model).__name__}; "
+            "use tune: true (LDA) with this model"
+        )
+    parts = model.tail_parts(tail_blocks)
 
-        class Trunk(nn.Module):
-            def forward(self, x):
-                x = nn.functional.relu6(model._bn0(model._conv_stem(x)))
-                for block in model._blocks[:first]:
-                    x = block(x)
-                return x
+    class Trunk(nn.Module):
+        def forward(self, x):
+            return model.run_trunk(x, tail_blocks)
 
-        class Tail(nn.Module):
-            def forward(self, x):
-                for block in model._blocks[first:]:
-                    x = block(x)
-                return nn.functional.relu6(model._bn1(model._conv_head(x))), x
+    class Tail(nn.Module):
+        def forward(self, x):
+            return model.run_tail(x, parts)
 
-        params = [p for b in model._blocks[first:] for p in b.parameters()]
-        params += [*model._conv_head.parameters(), *model._bn1.parameters()]
-        return Trunk(), Tail(), params
-    if isinstance(model, TinyNet):
-
-        class TinyTrunk(nn.Module):
-            def forward(self, x):
-                return torch.relu(model.conv2(torch.relu(model.conv1(x))))
-
-        class TinyTail(nn.Module):
-            def forward(self, x):
-                return torch.relu(model.conv3(x)), x
-
-        return TinyTrunk(), TinyTail(), list(model.conv3.parameters())
-    raise ValueError(
-        f"fine-tuning supports the efficientnet_lite backbones (and test_tiny), not {type(model).__name__}; "
-        "use tune: true (LDA) with this model"
-    )
+    return Trunk(), Tail(), list(parts.parameters())
 
 
 # --- the cached views ---------------------------------------------------------------------------------------
@@ -172,14 +154,15 @@ def _pool(fmap, pooling: str):
 
 
 def _raw(tail, maps, pooling: str, batch: int = 256) -> np.ndarray:
-    """Raw vectors (pooled main map + pooled aux map), as the extractor would give them, of cached maps."""
+    """Raw vectors (every map ``tail`` returns, pooled: main then aux), as the extractor would give them, of cached
+    maps."""
     import torch
 
     out = []
     with torch.inference_mode():
         for s in range(0, len(maps), batch):
-            main, aux = tail(maps[s : s + batch].float())
-            out.append(torch.cat([_pool(main, pooling), _pool(aux, pooling)], dim=1).float().cpu().numpy())
+            pooled = [_pool(m, pooling) for m in tail(maps[s : s + batch].float())]
+            out.append(torch.cat(pooled, dim=1).float().cpu().numpy())
     return np.concatenate(out)
 
 

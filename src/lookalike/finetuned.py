@@ -32,7 +32,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 FOLDER = "finetuned"  # under cache_dir
-VERSION = 1  # bump when the same inputs would train a different model
+VERSION = 2  # bump when the same inputs would train a different model (2: the ensemble and its calibration run)
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,28 @@ def finetuned_weights(
 def _summary(info: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What the manifest and the build report keep of a fine-tune's report."""
     keep = ("sha256", "base_model", "base_weights", "products", "images", "held_out", "excluded_products")
-    keep += ("validation", "seconds", "device")
+    keep += ("validation", "seconds", "device", "ensemble", "calibration")
     return {"status": "finetuned", **{k: info[k] for k in keep if k in info}, **extra}
+
+
+def ensemble_for(extractor) -> Any:
+    """The :class:`lookalike.tuning.Ensemble` an index built with ``extractor`` uses (None: a single network).
+    Its calibration is the one the fine-tune measured, from the checkpoint's ``.json`` report beside it."""
+    from .backbones import two_tail_blocks
+    from .tuning import Ensemble
+
+    weights = extractor.settings.weights_path
+    if two_tail_blocks(weights) is None:
+        return None
+    aux = extractor.raw_dim - 2 * extractor.dim
+    calibration = None
+    sidecar = Path(weights).expanduser().with_suffix(".json")
+    try:
+        calibration = json.loads(sidecar.read_text(encoding="utf-8")).get("calibration")
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warning("no fine-tune calibration for %s (%s): the no-match threshold is calibrated on the catalog "
+                       "and will be low", weights, exc)  # fmt: skip
+    return Ensemble(extractor.dim, aux // 2, calibration)
 
 
 def _relative(path: Path, cache_dir: Path) -> str:
@@ -171,6 +191,8 @@ def describe(info: dict[str, Any]) -> str:
             f"; held-out catalog MAP@R {val['lda']['map@r']:.3f} with the projection on the base model, "
             f"{val['finetuned']['map@r']:.3f} fine-tuned, {val['finetuned+lda']['map@r']:.3f} with both"
         )
+        if val.get("ensemble"):
+            line += f", {val['ensemble']['map@r']:.3f} as the ensemble"
     return line
 
 
@@ -193,6 +215,7 @@ __all__ = [
     "checkpoint_of",
     "checkpoint_paths",
     "describe",
+    "ensemble_for",
     "finetuned_weights",
     "fingerprint",
     "require_checkpoint",

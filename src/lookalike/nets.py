@@ -6,6 +6,8 @@ parameter names (the classes are swapped in place), so their standard checkpoint
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torchvision.models import EfficientNet, ResNet
@@ -36,10 +38,25 @@ class EfficientNetLiteMaps(EfficientNetLite):
     """EfficientNet-Lite -> (head map, last block's map)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self.run_tail(self.run_trunk(x, 0), self.tail_parts(0))
+
+    # The split fine-tuning trains across (lookalike.finetune_net) and TwoTailMaps runs: a frozen trunk, then the
+    # last ``tail_blocks`` blocks and the head convolution ("tail parts", in order).
+    def tail_parts(self, tail_blocks: int) -> nn.ModuleList:
+        first = len(self._blocks) - tail_blocks
+        return nn.ModuleList([*self._blocks[first:], self._conv_head, self._bn1])
+
+    def run_trunk(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: len(self._blocks) - tail_blocks]:
             x = block(x)
-        return nn.functional.relu6(self._bn1(self._conv_head(x))), x
+        return x
+
+    def run_tail(self, x: torch.Tensor, parts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+        *blocks, conv_head, bn = parts
+        for block in blocks:
+            x = block(x)
+        return nn.functional.relu6(bn(conv_head(x))), x
 
 
 class TinyNet(nn.Module):
@@ -52,5 +69,39 @@ class TinyNet(nn.Module):
         self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        c2 = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return torch.relu(self.conv3(c2)), c2
+        return self.run_tail(self.run_trunk(x, 1), self.tail_parts(1))
+
+    def tail_parts(self, tail_blocks: int) -> nn.ModuleList:
+        return nn.ModuleList([self.conv3])  # one block whatever is asked: the trunk is everything else
+
+    def run_trunk(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+    def run_tail(self, x: torch.Tensor, parts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(parts[0](x)), x
+
+
+class TwoTailMaps(nn.Module):
+    """A backbone and a fine-tuned copy of its tail on the shared frozen trunk: ``tune: finetune``'s network.
+
+    Returns (tuned main map, base main map, tuned aux map, base aux map), so the pooled raw vector starts with the
+    fine-tuned embedding (what the index compares, as a model's ``dim`` first values) and carries the base model's
+    raw vector too, which the catalog projection turns into the base model's LDA: the index's ensemble
+    (:func:`lookalike.tuning.fit_ensemble`). The trunk runs once; the second tail costs little (on
+    EfficientNet-Lite0 the last block and head convolution work on a 7 x 7 map).
+    """
+
+    def __init__(self, base: nn.Module, tail_blocks: int):
+        super().__init__()
+        self.base = base
+        self.tail_blocks = tail_blocks
+        self.tuned = copy.deepcopy(base.tail_parts(tail_blocks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run_tails(self.base.run_trunk(x, self.tail_blocks))
+
+    def run_tails(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The four maps from the trunk's output."""
+        main_t, aux_t = self.base.run_tail(x, self.tuned)
+        main_b, aux_b = self.base.run_tail(x, self.base.tail_parts(self.tail_blocks))
+        return main_t, main_b, aux_t, aux_b

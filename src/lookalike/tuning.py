@@ -39,6 +39,12 @@ Z_NOISE = 1.645
 # than a shopper's photo does, so they would push the threshold far too high. Catalog photos also score higher
 # among themselves than new photos do, which is why the median, not a high quantile (docs/quality.md).
 NO_MATCH_QUANTILE = 0.5
+# The ensemble's threshold (tune: finetune) comes from products its calibration run never learnt, which score like a
+# shopper's unknown product; a shopper's photo of a known product scores lower than the catalog's own held-out
+# photos, though. At the median of the never-learnt products' scores 83 % of the right answers to the Grocery dev
+# queries were flagged match; at the lower quartile 93 %, with 49 % of unknown products' photos flagged no match
+# (chosen on those queries, the issue's target being >= 90 % of right answers; docs/quality.md).
+ENSEMBLE_NO_MATCH_QUANTILE = 0.25
 # Validation and calibration compare every held-out photo with every catalog photo of the products they look at;
 # on a large catalog a seeded sample of this many products keeps that to seconds and bounded memory.
 MAX_CHECK_PRODUCTS = 400
@@ -50,11 +56,16 @@ class TuningDeclined(ValueError):
 
 @dataclass
 class Projection:
-    """``y = (x - mean) @ matrix``, applied to raw feature vectors (embedding + auxiliary features)."""
+    """``y = (x - mean) @ matrix``, applied to raw feature vectors (embedding + auxiliary features).
+
+    ``blocks`` (output column counts, summing to ``dim``; None: one block) split ``y`` into parts that are each
+    L2-normalised and weighted equally: an ensemble's cosine is then the mean of its parts' cosines
+    (:func:`fit_ensemble`)."""
 
     mean: np.ndarray  # (raw_dim,)
     matrix: np.ndarray  # (raw_dim, dim)
     info: dict[str, Any] = field(default_factory=dict)
+    blocks: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -68,17 +79,81 @@ class Projection:
         raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
         if raw.shape[1] != self.raw_dim:
             raise ValueError(f"projection expects {self.raw_dim}-d raw vectors, got {raw.shape[1]}-d")
-        return np.ascontiguousarray((raw - self.mean) @ self.matrix, dtype=np.float32)
+        y = (raw - self.mean) @ self.matrix
+        if self.blocks:
+            edges = np.cumsum((0, *self.blocks))
+            parts = [l2_normalize(y[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+            y = np.hstack(parts) / np.sqrt(len(parts))
+        return np.ascontiguousarray(y, dtype=np.float32)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, mean=self.mean.astype(np.float32), matrix=self.matrix.astype(np.float32))
+        arrays = {"mean": self.mean.astype(np.float32), "matrix": self.matrix.astype(np.float32)}
+        if self.blocks:
+            arrays["blocks"] = np.asarray(self.blocks, dtype=np.int64)
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, info: dict[str, Any] | None = None) -> Projection:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(z["mean"], z["matrix"], dict(info or {}))
+            blocks = tuple(int(b) for b in z["blocks"]) if "blocks" in z.files else None
+            return cls(z["mean"], z["matrix"], dict(info or {}), blocks)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """The raw layout of a fine-tuned two-tail network (:class:`lookalike.nets.TwoTailMaps`) and what its fine-tune
+    measured: raw = [tuned main (dim), base main (dim), tuned aux (aux), base aux (aux)]."""
+
+    dim: int
+    aux: int
+    calibration: dict[str, Any] | None = None  # the fine-tune's no-match threshold, on products it never learnt
+
+    def base_columns(self) -> np.ndarray:
+        """The base model's own raw vector (main then aux) inside the two-tail raw vector."""
+        d, a = self.dim, self.aux
+        return np.r_[d : 2 * d, 2 * d + a : 2 * d + 2 * a]
+
+    @property
+    def raw_dim(self) -> int:
+        return 2 * (self.dim + self.aux)
+
+
+def fit_ensemble(raw: np.ndarray, labels: np.ndarray, ensemble: Ensemble) -> Projection:
+    """The projection of a fine-tuned two-tail network's index: the fine-tuned embedding and the LDA of the base
+    model's raw vector, each normalised, so that the index compares the mean of the two cosines.
+
+    The two disagree where it helps: the fine-tuned embedding tells apart the catalog's look-alikes, the base
+    model's LDA keeps what ImageNet features know about a new shot of a product (on the Grocery dev queries the
+    mean beat either alone at three training seeds; docs/quality.md). Raises :class:`TuningDeclined` when the
+    catalog cannot support the LDA (the index then uses the fine-tuned embedding alone)."""
+    labels = np.asarray(labels)
+    if eligible(labels) < MIN_PRODUCTS:
+        raise TuningDeclined(
+            f"the catalog has {eligible(labels)} products with at least {MIN_IMAGES_PER_PRODUCT} images; the "
+            f"ensemble's LDA needs {MIN_PRODUCTS} or more"
+        )
+    if raw.shape[1] != ensemble.raw_dim:
+        raise ValueError(f"a two-tail network's raw vectors have {ensemble.raw_dim} values, got {raw.shape[1]}")
+    cols = ensemble.base_columns()
+    base_mean, base_matrix = lda(raw[:, cols], labels, SHRINKAGE)
+    k = base_matrix.shape[1]
+    mean = np.zeros(ensemble.raw_dim, np.float32)
+    mean[cols] = base_mean
+    matrix = np.zeros((ensemble.raw_dim, ensemble.dim + k), np.float32)
+    matrix[np.arange(ensemble.dim), np.arange(ensemble.dim)] = 1.0
+    matrix[cols, ensemble.dim :] = base_matrix
+    info = {
+        "method": "ensemble",
+        "parts": ["fine-tuned embedding", "LDA of the base model"],
+        "shrinkage": SHRINKAGE,
+        "dim": ensemble.dim + k,
+        "products": len(np.unique(labels)),
+        "images": len(labels),
+    }
+    logger.info("ensemble projection: fine-tuned %d dims + base LDA %d dims", ensemble.dim, k)
+    return Projection(mean, matrix, info, blocks=(ensemble.dim, k))
 
 
 def lda(x: np.ndarray, labels: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +323,14 @@ def fit_projection(raw: np.ndarray, labels: np.ndarray, dim: int, *, lenient: bo
 
 
 def calibrate_no_match(
-    raw: np.ndarray, labels: np.ndarray, dim: int, *, tuned: bool, folds: int = 4, seed: int = 0
+    raw: np.ndarray,
+    labels: np.ndarray,
+    dim: int,
+    *,
+    tuned: bool,
+    folds: int = 4,
+    seed: int = 0,
+    ensemble: Ensemble | None = None,
 ) -> dict[str, Any] | None:
     """The product-score threshold under which a query is "not in my catalog", or None if the catalog is too small.
 
@@ -273,7 +355,12 @@ def calibrate_no_match(
     for f in range(folds):
         visible = fold_of != f
         db_rows = visible & ~held
-        if tuned:
+        if ensemble is not None:  # the ensemble's projection, refitted without the hidden group
+            try:
+                transform = fit_ensemble(raw[db_rows], labels[db_rows], ensemble).apply
+            except (np.linalg.LinAlgError, TuningDeclined):
+                continue
+        elif tuned:
             try:
                 mean, matrix = lda(raw[db_rows], labels[db_rows], SHRINKAGE)
             except np.linalg.LinAlgError:
@@ -306,6 +393,52 @@ def calibrate_no_match(
         "hidden_product_queries": int(len(neg_s)),
         "folds": folds,
     }
+
+
+def calibrate_ensemble(raw: np.ndarray, labels: np.ndarray, unknown: np.ndarray, ensemble: Ensemble) -> dict | None:
+    """The no-match thresholds of an ensemble index, from a fine-tune that never learnt the ``unknown`` products
+    (a row mask): their photos (all of them) should not match a catalog of the other products' fitted photos,
+    held-out photos of those should. The record of :func:`calibrate_no_match` (whose hidden groups a fine-tune on
+    the whole catalog has learnt, which puts its threshold far too low), at ENSEMBLE_NO_MATCH_QUANTILE."""
+    labels = np.asarray(labels)
+    held = holdout_split(labels)
+    db_rows, pos_rows = ~unknown & ~held, ~unknown & held
+    if eligible(labels[db_rows]) < MIN_PRODUCTS or not pos_rows.any() or not unknown.any():
+        return None
+    projection = fit_ensemble(raw[db_rows], labels[db_rows], ensemble)
+    db = l2_normalize(projection.apply(raw[db_rows]))
+    out = {}
+    for name, rows in (("pos", pos_rows), ("neg", unknown)):
+        sims = l2_normalize(projection.apply(raw[rows])) @ db.T
+        _, scores = product_scores(sims, labels[db_rows])
+        out[name], out[name + "_image"] = scores.max(axis=1), sims.max(axis=1)
+    threshold = float(np.quantile(out["neg"], ENSEMBLE_NO_MATCH_QUANTILE))
+    image_threshold = float(np.quantile(out["neg_image"], ENSEMBLE_NO_MATCH_QUANTILE))
+    return {
+        "threshold": threshold,
+        "quantile": ENSEMBLE_NO_MATCH_QUANTILE,
+        "held_out_catalog_match_rate": float(np.mean(out["pos"] >= threshold)),
+        "auroc_on_catalog": auroc(out["pos"], out["neg"]),
+        "image_threshold": image_threshold,
+        "image_held_out_catalog_match_rate": float(np.mean(out["pos_image"] >= image_threshold)),
+        "image_auroc_on_catalog": auroc(out["pos_image"], out["neg_image"]),
+        "in_catalog_queries": int(pos_rows.sum()),
+        "hidden_product_queries": int(unknown.sum()),
+        "hidden_products": int(len(np.unique(labels[unknown]))),
+        "folds": 1,
+        # the score distributions behind the threshold: another operating point is one quantile away
+        "hidden_score_quantiles": _quantiles(out["neg"]),
+        "held_out_score_quantiles": _quantiles(out["pos"]),
+    }
+
+
+def _quantiles(scores: np.ndarray) -> dict[str, float]:
+    return {f"{q:.2f}": float(np.quantile(scores, q)) for q in np.arange(0.05, 1.0, 0.05)}
+
+
+def two_tail_raw(tuned: np.ndarray, base: np.ndarray, dim: int) -> np.ndarray:
+    """A two-tail network's raw vectors (:class:`Ensemble`'s layout) from its two models' own raw vectors."""
+    return np.hstack([tuned[:, :dim], base[:, :dim], tuned[:, dim:], base[:, dim:]])
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -351,7 +484,9 @@ class Adaptation:
         return None if value is None else float(value)
 
 
-def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool | str) -> Adaptation:
+def adapt(
+    raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool | str, ensemble: Ensemble | None = None
+) -> Adaptation:
     """Fit what a build learns from the catalog: the tuned projection (if asked and possible) and the no-match
     thresholds. ``raw`` rows are in catalog order (sorted by product, then file name).
 
@@ -360,7 +495,12 @@ def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool | str) ->
     threshold needs it. The threshold is calibrated on hidden groups of catalog products, which must be new to the
     features that score them; the projection is refitted without each group, but the fine-tune has learnt them all,
     so without a projection the threshold comes out far too low (on Grocery, a subset of 50 produce items: 0 % of
-    unknown products' photos flagged no match; docs/quality.md)."""
+    unknown products' photos flagged no match; docs/quality.md).
+
+    ``ensemble`` (raw vectors of a two-tail network, :func:`lookalike.finetuned.ensemble_for`): the projection is
+    :func:`fit_ensemble`, and the threshold the one its fine-tune calibrated on products it never learnt."""
+    if ensemble is not None:
+        return _adapt_ensemble(raw, labels, dim, ensemble)
     projection, tuning = None, {"status": "off"}
     if tune:
         try:
@@ -370,4 +510,20 @@ def adapt(raw: np.ndarray, labels: np.ndarray, dim: int, *, tune: bool | str) ->
             logger.info("catalog tuning declined: %s", exc)
             tuning = {"status": "declined", "reason": str(exc)}
     calibration = calibrate_no_match(raw, labels, dim, tuned=projection is not None) if len(labels) else None
+    return Adaptation(projection, tuning, calibration)
+
+
+def _adapt_ensemble(raw: np.ndarray, labels: np.ndarray, dim: int, ensemble: Ensemble) -> Adaptation:
+    projection, tuning = None, {"status": "off"}
+    try:
+        projection = fit_ensemble(raw, labels, ensemble)
+        tuning = {"status": "tuned", **projection.info}
+    except TuningDeclined as exc:
+        logger.info("ensemble projection declined: %s; the index uses the fine-tuned embedding alone", exc)
+        tuning = {"status": "declined", "reason": str(exc)}
+    calibration = None
+    if projection is not None and ensemble.calibration is not None:
+        calibration = {**ensemble.calibration, "source": "fine-tune"}
+    elif len(labels):  # hidden groups the fine-tune has learnt: a threshold biased low, the best there is
+        calibration = calibrate_no_match(raw, labels, dim, tuned=False, ensemble=ensemble if projection else None)
     return Adaptation(projection, tuning, calibration)
