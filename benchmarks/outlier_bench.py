@@ -72,11 +72,16 @@ def plain_raw(settings, weights: Path | None, folder: Path, tail_blocks: int, ca
     from lookalike.catalog import scan_catalog
     from lookalike.embedding import FeatureExtractor
     from lookalike.finetune import FinetuneConfig, _raw, split_backbone
+    from lookalike.nets import TwoTailMaps
 
     s = settings.replace(runtime="torch", precision="fp32", weights_path=weights)
     extractor = FeatureExtractor(s)
     model = extractor.model.to(extractor.device).eval()
-    trunk, tail, _ = split_backbone(model, tail_blocks)
+    if isinstance(model, TwoTailMaps):  # tune: finetune's ensemble network: the base trunk, then both tails
+        trunk, _, _ = split_backbone(model.base, model.tail_blocks)
+        tail = model.run_tails
+    else:
+        trunk, tail, _ = split_backbone(model, tail_blocks)
     images = scan_catalog(folder)
     maps, ok = cached(extractor, trunk, [im.path for im in images], FinetuneConfig(views=1), extractor.device, False)
     labels = np.array([images[i].product_id for i in ok], dtype=object)
@@ -97,13 +102,23 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     keep = ~np.isin(cat_labels, hidden)
     inside = ~np.isin(q_labels, hidden)
     dim = 1280
+    ensemble = None  # a two-tail checkpoint (FinetuneConfig.ensemble): the build's ensemble projection and threshold
+    if weights is not None:
+        from lookalike.embedding import FeatureExtractor
+        from lookalike.finetuned import ensemble_for
+        from lookalike.tuning import fit_ensemble
+
+        ensemble = ensemble_for(FeatureExtractor(settings.replace(weights_path=weights)))
     out = {}
     for tune in (False, True):
         fitted = ("finetune" if weights is not None else True) if tune else False  # fine-tuned features: its rule
-        a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=fitted)
+        a = adapt(cat_raw[keep], cat_labels[keep], dim, tune=fitted, ensemble=ensemble if tune else None)
         db, q = a.transform(cat_raw[keep], dim), a.transform(q_raw, dim)
         if a.projection is None:
             cal = openset.calibrate(db, cat_labels[keep])
+        elif ensemble is not None:
+            refit = lambda x, labels: fit_ensemble(x, labels, ensemble).apply  # noqa: E731
+            cal = openset.calibrate(cat_raw[keep], cat_labels[keep], refit=refit)
         else:
             cal = openset.calibrate(cat_raw[keep], cat_labels[keep], refit=refit_lda)
         m = openset.measure(q, q_labels, db, cat_labels[keep], a.threshold, calibration=cal)
