@@ -19,6 +19,7 @@ from lookalike.tuning import (
     Ensemble,
     Projection,
     TuningDeclined,
+    adapt,
     calibrate_ensemble,
     fit_ensemble,
     lda,
@@ -65,6 +66,14 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
     expected = np.hstack([l2_normalize(tuned[:, :7]), l2_normalize((base - mean) @ matrix)]) / np.sqrt(2)
     np.testing.assert_allclose(proj.apply(raw), expected, atol=1e-5)
     assert proj.blocks == (7, matrix.shape[1]) and proj.info["method"] == "ensemble"
+    tuned_index = adapt(raw, labels, 7, tune="finetune", ensemble=ens)
+    assert tuned_index.tuning["method"] == "ensemble" and tuned_index.projection.blocks == proj.blocks
+    assert tuned_index.calibration is not None and "source" not in tuned_index.calibration  # hidden groups, in its space
+    with_run = adapt(raw, labels, 7, tune="finetune", ensemble=Ensemble(7, 3, {"threshold": 0.5}))
+    assert with_run.threshold == 0.5 and with_run.calibration["source"] == "fine-tune"
+    untuned = adapt(raw, labels, 7, tune=False, ensemble=ens)  # tune: false: the fine-tuned embedding alone
+    assert untuned.projection is None and untuned.tuning == {"status": "off"}
+    np.testing.assert_array_equal(untuned.transform(raw, 7), raw[:, :7])
     with pytest.raises(ValueError, match="raw vectors have 20 values, got 17"):
         fit_ensemble(raw[:, :17], labels, ens)
     with pytest.raises(TuningDeclined, match="needs 5 or more"):

@@ -499,7 +499,7 @@ def adapt(
 
     ``ensemble`` (raw vectors of a two-tail network, :func:`lookalike.finetuned.ensemble_for`): the projection is
     :func:`fit_ensemble`, and the threshold the one its fine-tune calibrated on products it never learnt."""
-    if ensemble is not None:
+    if ensemble is not None and tune:  # (untuned, a two-tail network's index holds its fine-tuned embedding alone)
         return _adapt_ensemble(raw, labels, dim, ensemble)
     projection, tuning = None, {"status": "off"}
     if tune:
