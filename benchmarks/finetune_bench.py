@@ -45,7 +45,8 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     from lookalike import openset
     from lookalike.embedding import FeatureExtractor
     from lookalike.evaluation import embed_folder
-    from lookalike.tuning import SHRINKAGE, adapt, lda
+    from lookalike.finetuned import ensemble_for
+    from lookalike.tuning import SHRINKAGE, adapt, fit_ensemble, lda
 
     def refit_lda(x, labels):  # the build's calibration with tuning on: the LDA refitted without the hidden group
         mean, matrix = lda(x, labels, SHRINKAGE)
@@ -57,8 +58,11 @@ def open_set(settings, grocery: Path, hidden: list[str]) -> dict:
     labels = np.asarray(cat.labels, dtype=object)
     keep = ~np.isin(labels, hidden)
     out = {}
+    ensemble = ensemble_for(extractor)  # a tail ensemble's checkpoint: the build's ensemble projection
+    if ensemble is not None:
+        refit_lda = lambda x, labels: fit_ensemble(x, labels, ensemble).apply  # noqa: E731
     for tune in (False, True):
-        a = adapt(cat.raw[keep], labels[keep], extractor.dim, tune=tune)
+        a = adapt(cat.raw[keep], labels[keep], extractor.dim, tune=tune, ensemble=ensemble)
         db, q = a.transform(cat.raw[keep], extractor.dim), a.transform(qs.raw, extractor.dim)
         cal = (
             openset.calibrate(db, labels[keep])

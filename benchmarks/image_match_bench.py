@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         config_file=None, environ={}, model_name="efficientnet_lite0", data_dir=args.grocery / "catalog",
         cache_dir=args.cache_dir, weights_path=args.weights,
     )  # fmt: skip
+    from lookalike.finetuned import ensemble_for
+
     extractor = FeatureExtractor(settings)
     cat = embed_folder(extractor, settings, args.grocery / "catalog")
     qs = embed_folder(extractor, settings, args.grocery / "queries")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     inside = ~np.isin(query_labels, hidden)
     out = {"weights": str(args.weights), "hidden_products": hidden}
     for tune in (False, True):
-        a = adapt(cat.raw[keep], labels[keep], extractor.dim, tune=tune)
+        a = adapt(cat.raw[keep], labels[keep], extractor.dim, tune=tune, ensemble=ensemble_for(extractor))
         db = l2_normalize(a.transform(cat.raw[keep], extractor.dim))
         sims = l2_normalize(a.transform(qs.raw, extractor.dim)) @ db.T
         top = sims.max(axis=1)

@@ -72,12 +72,12 @@ def plain_raw(settings, weights: Path | None, folder: Path, tail_blocks: int, ca
     from lookalike.catalog import scan_catalog
     from lookalike.embedding import FeatureExtractor
     from lookalike.finetune import FinetuneConfig, _raw, split_backbone
-    from lookalike.nets import TwoTailMaps
+    from lookalike.nets import TailEnsembleMaps
 
     s = settings.replace(runtime="torch", precision="fp32", weights_path=weights)
     extractor = FeatureExtractor(s)
     model = extractor.model.to(extractor.device).eval()
-    if isinstance(model, TwoTailMaps):  # tune: finetune's ensemble network: the base trunk, then both tails
+    if isinstance(model, TailEnsembleMaps):  # tune: finetune's ensemble network: the base trunk, then every tail
         trunk, _, _ = split_backbone(model.base, model.tail_blocks)
         tail = model.run_tails
     else:
@@ -102,7 +102,7 @@ def measure(settings, weights, grocery: Path, hidden: list[str], tail_blocks: in
     keep = ~np.isin(cat_labels, hidden)
     inside = ~np.isin(q_labels, hidden)
     dim = 1280
-    ensemble = None  # a two-tail checkpoint (FinetuneConfig.ensemble): the build's ensemble projection and threshold
+    ensemble = None  # a tail-ensemble checkpoint (FinetuneConfig.ensemble): the build's projection and threshold
     if weights is not None:
         from lookalike.embedding import FeatureExtractor
         from lookalike.finetuned import ensemble_for

@@ -1,6 +1,6 @@
-"""The ensemble ``tune: finetune`` indexes: a two-tail network (fine-tuned tail beside the base one on a shared
-trunk), a projection whose parts are normalised apart (so the index compares the mean of their cosines), and the
-no-match threshold from a run that never learnt some products."""
+"""The ensemble ``tune: finetune`` indexes: fine-tuned tails beside the base one on a shared trunk, a projection
+whose parts are normalised apart (so the index compares the mean of their cosines), and the no-match threshold
+from a run that never learnt some products."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lookalike.backbones import get_backbone, spec_for, two_tail_blocks
-from lookalike.nets import TwoTailMaps
+from lookalike.backbones import ensemble_layout, get_backbone, spec_for
+from lookalike.nets import TailEnsembleMaps
 from lookalike.ranking import l2_normalize
 from lookalike.tuning import (
     SHRINKAGE,
@@ -21,9 +21,9 @@ from lookalike.tuning import (
     TuningDeclined,
     adapt,
     calibrate_ensemble,
+    ensemble_raw,
     fit_ensemble,
     lda,
-    two_tail_raw,
 )
 
 
@@ -59,7 +59,7 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
     tuned, labels = _clusters(8, 6, 10, seed=2)
     base, _ = _clusters(8, 6, 10, seed=3)  # 7 main + 3 aux values each
     ens = Ensemble(dim=7, aux=3)
-    raw = two_tail_raw(tuned, base, 7)
+    raw = ensemble_raw([tuned], base, 7)
     np.testing.assert_array_equal(raw[:, ens.base_columns()], base)
     proj = fit_ensemble(raw, labels, ens)
     mean, matrix = lda(base, labels, SHRINKAGE)
@@ -68,8 +68,8 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
     assert proj.blocks == (7, matrix.shape[1]) and proj.info["method"] == "ensemble"
     tuned_index = adapt(raw, labels, 7, tune="finetune", ensemble=ens)
     assert tuned_index.tuning["method"] == "ensemble" and tuned_index.projection.blocks == proj.blocks
-    assert tuned_index.calibration is not None and "source" not in tuned_index.calibration  # hidden groups, in its space
-    with_run = adapt(raw, labels, 7, tune="finetune", ensemble=Ensemble(7, 3, {"threshold": 0.5}))
+    assert tuned_index.calibration is not None and "source" not in tuned_index.calibration  # hidden groups
+    with_run = adapt(raw, labels, 7, tune="finetune", ensemble=Ensemble(7, 3, 1, {"threshold": 0.5}))
     assert with_run.threshold == 0.5 and with_run.calibration["source"] == "fine-tune"
     untuned = adapt(raw, labels, 7, tune=False, ensemble=ens)  # tune: false: the fine-tuned embedding alone
     assert untuned.projection is None and untuned.tuning == {"status": "off"}
@@ -83,7 +83,7 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
 def test_calibrate_ensemble_puts_the_threshold_at_a_quartile_of_the_products_it_never_learnt():
     tuned, labels = _clusters(12, 8, 12, seed=4)
     base, _ = _clusters(12, 8, 12, seed=5)
-    raw = two_tail_raw(tuned, base, 8)
+    raw = ensemble_raw([tuned], base, 8)
     ens = Ensemble(dim=8, aux=4)
     unknown = np.isin(labels, ["p00", "p05", "p09"])
     cal = calibrate_ensemble(raw, labels, unknown, ens)
@@ -102,37 +102,59 @@ def test_calibrate_ensemble_puts_the_threshold_at_a_quartile_of_the_products_it_
     assert calibrate_ensemble(raw, labels, np.zeros(len(labels), bool), ens) is None  # nothing unknown
 
 
-def test_two_tail_on_efficientnet_lite_keeps_the_base_models_maps():
+def test_two_tuned_tails_make_three_parts():
+    (t1, labels), (t2, _), (base, _) = (_clusters(8, 6, 10, seed=k) for k in (6, 7, 8))
+    ens = Ensemble(dim=7, aux=3, tails=2)
+    raw = ensemble_raw([t1, t2], base, 7)
+    assert raw.shape[1] == ens.raw_dim == 30
+    np.testing.assert_array_equal(raw[:, ens.tuned_columns(1)], t2[:, :7])
+    np.testing.assert_array_equal(raw[:, ens.base_columns()], base)
+    np.testing.assert_array_equal(raw[:, 21:24], t1[:, 7:])  # aux: tuned tails in order, then the base model's
+    proj = fit_ensemble(raw, labels, ens)
+    assert proj.blocks[:2] == (7, 7) and len(proj.blocks) == 3
+    mean, matrix = lda(base, labels, SHRINKAGE)
+    parts = [l2_normalize(t1[:, :7]), l2_normalize(t2[:, :7]), l2_normalize((base - mean) @ matrix)]
+    np.testing.assert_allclose(proj.apply(raw), np.hstack(parts) / np.sqrt(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("tails", [1, 2])
+def test_a_tail_ensemble_on_efficientnet_lite_keeps_the_base_models_maps(tails):
     spec = get_backbone("efficientnet_lite0")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         base = spec.architecture().eval()
-    two = TwoTailMaps(base, 2).eval()
+    ens = TailEnsembleMaps(base, 2, tails).eval()
     with torch.no_grad():
-        for p in two.tuned.parameters():  # a "fine-tuned" tail that differs from the base one
-            p.add_(0.01)
+        for i, parts in enumerate(ens.tuned):  # "fine-tuned" tails that differ from the base one and each other
+            for p in parts.parameters():
+                p.add_(0.01 * (i + 1))
         x = torch.rand(2, 3, 64, 64)
         main_b, aux_b = base(x)
-        main_t, main_b2, aux_t, aux_b2 = two(x)
-    torch.testing.assert_close(main_b2, main_b)
-    torch.testing.assert_close(aux_b2, aux_b)
-    assert main_t.shape == main_b.shape and aux_t.shape == aux_b.shape
-    assert not torch.allclose(main_t, main_b)
-    assert set(k.split(".")[0] for k in two.state_dict()) == {"base", "tuned"}
+        maps = ens(x)
+    assert len(maps) == 2 * (tails + 1)
+    torch.testing.assert_close(maps[tails], main_b)  # the base main map after the tuned ones
+    torch.testing.assert_close(maps[-1], aux_b)
+    for i in range(tails):
+        assert maps[i].shape == main_b.shape and not torch.allclose(maps[i], main_b)
+        assert maps[tails + 1 + i].shape == aux_b.shape
+    if tails == 2:
+        assert not torch.allclose(maps[0], maps[1])
+    assert set(k.split(".")[0] for k in ens.state_dict()) == {"base", "tuned"}
 
 
-def test_a_two_tail_checkpoint_is_recognised_from_its_header(tmp_path: Path):
+def test_an_ensemble_checkpoint_is_recognised_from_its_header(tmp_path: Path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "two.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path), metadata={"lookalike": json.dumps({"two_tail": 1})})
-    assert two_tail_blocks(path) == 1
-    spec = spec_for("test_tiny", path)
-    assert spec.raw_dim == 2 * get_backbone("test_tiny").raw_dim and spec.dim == get_backbone("test_tiny").dim
+    path = tmp_path / "ens.safetensors"
+    layout = {"tail_ensemble": {"tail_blocks": 1, "tuned_tails": 2}}
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"lookalike": json.dumps(layout)})
+    assert ensemble_layout(path) == (1, 2)
+    spec, tiny = spec_for("test_tiny", path), get_backbone("test_tiny")
+    assert spec.raw_dim == 3 * tiny.raw_dim and spec.dim == tiny.dim
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain), metadata={"lookalike": json.dumps({"method": "finetune"})})
-    assert two_tail_blocks(plain) is None and spec_for("test_tiny", plain) is get_backbone("test_tiny")
+    assert ensemble_layout(plain) is None and spec_for("test_tiny", plain) is tiny
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint")
-    assert two_tail_blocks(junk) is None and two_tail_blocks(tmp_path / "gone.safetensors") is None
-    assert two_tail_blocks(tmp_path / "model.pt") is None and two_tail_blocks(None) is None
+    assert ensemble_layout(junk) is None and ensemble_layout(tmp_path / "gone.safetensors") is None
+    assert ensemble_layout(tmp_path / "model.pt") is None and ensemble_layout(None) is None

@@ -102,7 +102,7 @@ def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings,
     assert sidecar["sha256"] == result.sha256 and sidecar["images"] == 48 and sidecar["held_out"] == 16
     assert set(sidecar["validation"]) == {"untuned", "lda", "finetuned", "finetuned+lda", "ensemble"}
     assert sidecar["seconds"]["wall"] > 0 and len(sidecar["history"]) >= 1
-    assert sidecar["ensemble"] == {"dim": 64, "aux": 32}
+    assert sidecar["ensemble"] == {"dim": 64, "aux": 32, "tails": 1}
 
     base = FeatureExtractor(settings)
     tuned = FeatureExtractor(settings.replace(weights_path=result.path))
@@ -111,7 +111,7 @@ def test_checkpoint_loads_through_weights_path(big_catalog: Path, make_settings,
     photo = sorted(big_catalog.glob("p0/*.jpg"))[0]
     a, b = base.extract_features(photo), tuned.extract_features(photo)
     assert a.shape == b.shape and not np.allclose(a, b)  # the head really changed
-    # The two-tail network: [tuned main, base main, tuned aux, base aux], its base parts the base model's own
+    # The tail ensemble: [tuned main, base main, tuned aux, base aux], its base parts the base model's own
     raw_a, raw_b = base.extract([photo]).vectors[0], tuned.extract([photo]).vectors[0]
     assert tuned.raw_dim == 2 * base.raw_dim == 192
     np.testing.assert_allclose(raw_b[:64], b, rtol=1e-6)
@@ -257,3 +257,16 @@ def test_ensemble_off_saves_the_fine_tuned_backbone_alone(big_catalog: Path, mak
     assert result.info["validation"]["ensemble"] is None
     tuned = FeatureExtractor(settings.replace(weights_path=result.path))
     assert tuned.raw_dim == FeatureExtractor(settings).raw_dim  # the backbone's own layout
+
+
+def test_two_tails_are_trained_apart_and_saved_together(big_catalog: Path, make_settings, tmp_path: Path):
+    settings = make_settings(data_dir=big_catalog)
+    cfg = ft.FinetuneConfig(epochs=3, views=2, batch_size=16, lr=1e-2, require_gain=False, tails=2)
+    result = ft.finetune(settings, config=cfg, out_path=tmp_path / "two.safetensors", progress=False)
+    assert result.info["ensemble"] == {"dim": 64, "aux": 32, "tails": 2}
+    tuned = FeatureExtractor(settings.replace(weights_path=result.path))
+    raw = tuned.extract(sorted(big_catalog.glob("p0/*.jpg"))[:2]).vectors
+    assert raw.shape == (2, 3 * 96)
+    assert not np.allclose(raw[:, :64], raw[:, 64:128])  # other batches and views: another tail
+    with pytest.raises(ValueError, match="tails must be at least 1"):
+        ft.finetune(settings, config=ft.FinetuneConfig(tails=0), progress=False)

@@ -90,28 +90,28 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 def spec_for(name: str, weights_path: Path | str | None = None) -> BackboneSpec:
-    """The spec of ``name`` as ``weights_path`` makes it: a ``tune: finetune`` checkpoint holding a fine-tuned tail
-    beside the base network (:class:`lookalike.nets.TwoTailMaps`) gives a spec whose raw vector is the tuned
-    embedding followed by the base model's main and both models' auxiliary features; anything else the registered
-    spec."""
+    """The spec of ``name`` as ``weights_path`` makes it: a ``tune: finetune`` checkpoint holding fine-tuned tails
+    beside the base network (:class:`lookalike.nets.TailEnsembleMaps`) gives a spec whose raw vector is the tuned
+    embeddings and the base model's, then every tail's auxiliary features; anything else the registered spec."""
     spec = get_backbone(name)
-    tail_blocks = two_tail_blocks(weights_path)
-    if tail_blocks is None:
+    layout = ensemble_layout(weights_path)
+    if layout is None:
         return spec
     from dataclasses import replace
 
-    def architecture(spec: BackboneSpec = spec, tail_blocks: int = tail_blocks) -> Any:
-        from .nets import TwoTailMaps
+    tail_blocks, tails = layout
 
-        return TwoTailMaps(spec.architecture(), tail_blocks)
+    def architecture(spec: BackboneSpec = spec) -> Any:
+        from .nets import TailEnsembleMaps
 
-    return replace(
-        spec, architecture=architecture, load_state=_load_local, aux_dims=(spec.dim, *spec.aux_dims, *spec.aux_dims)
-    )
+        return TailEnsembleMaps(spec.architecture(), tail_blocks, tails)
+
+    aux_dims = (spec.dim,) * tails + spec.aux_dims * (tails + 1)
+    return replace(spec, architecture=architecture, load_state=_load_local, aux_dims=aux_dims)
 
 
-def two_tail_blocks(weights_path: Path | str | None) -> int | None:
-    """How many blocks the fine-tuned tail of a two-tail checkpoint spans (None: not such a checkpoint). Reads the
+def ensemble_layout(weights_path: Path | str | None) -> tuple[int, int] | None:
+    """(tail blocks, fine-tuned tails) of a ``tune: finetune`` ensemble checkpoint; None for any other file. Reads the
     safetensors header only (its JSON metadata), so it needs neither torch nor the tensors."""
     import json
     import struct
@@ -123,8 +123,10 @@ def two_tail_blocks(weights_path: Path | str | None) -> int | None:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(min(size, 100_000_000)))
         meta = json.loads(header.get("__metadata__", {}).get("lookalike", "{}"))
-        return int(meta["two_tail"]) if meta.get("two_tail") else None
-    except (OSError, ValueError, struct.error, TypeError, AttributeError):
+        if not meta.get("tail_ensemble"):
+            return None
+        return int(meta["tail_ensemble"]["tail_blocks"]), int(meta["tail_ensemble"]["tuned_tails"])
+    except (OSError, ValueError, struct.error, TypeError, AttributeError, KeyError):
         return None  # not ours, or unreadable: loading it says what is wrong
 
 

@@ -46,11 +46,11 @@ from .tuning import (
     Ensemble,
     calibrate_ensemble,
     eligible,
+    ensemble_raw,
     fit_ensemble,
     holdout_quality,
     holdout_split,
     lda,
-    two_tail_raw,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,10 +96,11 @@ class FinetuneConfig:
     # (what tune: true indexes), so the fine-tune adds to what the base model knew instead of replacing it. 0: off.
     # 64 lifted the whole Grocery catalog's dev photos but made its halves decline the fine-tune (docs/quality.md).
     distill_weight: float = 0.0
-    # The saved network keeps the base model's tail beside the fine-tuned one (lookalike.nets.TwoTailMaps): the index
-    # compares the mean of the fine-tuned cosine and the base model's LDA cosine (tuning.fit_ensemble). False: the
-    # fine-tuned backbone alone, with the LDA refitted on it.
+    # The saved network keeps the base model's tail beside `tails` fine-tuned ones (lookalike.nets.TailEnsembleMaps),
+    # each trained with its own batches and views: the index compares the mean of the fine-tuned cosines and the base
+    # model's LDA cosine (tuning.fit_ensemble). False: the fine-tuned backbone alone, with the LDA refitted on it.
     ensemble: bool = True
+    tails: int = 1
     # The ensemble's no-match threshold comes from a second, shorter run that never learns this share of the
     # products (seeded), scoring their photos against the rest (tuning.calibrate_ensemble). 0: no such run (the
     # threshold is then calibrated on products the fine-tune has learnt, and comes out too low).
@@ -144,6 +145,8 @@ def finetune(
 
     cfg = config or FinetuneConfig()
     outliers.check_config(cfg.unknown_fraction, cfg.unknown_loss, cfg.unknown_weight)
+    if cfg.tails < 1:
+        raise ValueError(f"tails must be at least 1, got {cfg.tails}")
     if cfg.max_photos < MIN_IMAGES:
         raise ValueError(f"max_photos must be at least {MIN_IMAGES} (the fewest photos a fine-tune learns from)")
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -209,9 +212,10 @@ def finetune(
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     from tqdm.auto import tqdm
 
-    def train(train_rows: np.ndarray, epochs: int, watch: bool, desc: str):
+    def train(train_rows: np.ndarray, epochs: int, watch: bool, desc: str, seed: int = cfg.seed):
         """Train from the base weights on ``train_rows`` for up to ``epochs``; with ``watch``, validate after each
-        epoch and keep the best (early stopping). Returns (best, its state dict, history)."""
+        epoch and keep the best (early stopping). ``seed`` draws the batches and views. Returns (best, its state
+        dict, history)."""
         model.load_state_dict(init_state)
         proxies = torch.nn.Parameter(init.clone())
         opt = torch.optim.AdamW(
@@ -224,8 +228,8 @@ def finetune(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
         )
-        rng = np.random.default_rng(cfg.seed + 1)
-        rng_unknown = np.random.default_rng(cfg.seed + 2)  # its own stream: unknown_fraction 0 trains as before
+        rng = np.random.default_rng(seed + 1)
+        rng_unknown = np.random.default_rng(seed + 2)  # its own stream: unknown_fraction 0 trains as before
         unknown = None  # the products playing "unknown" this epoch (lookalike.outliers)
         best = {"epoch": 0, **base}
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -295,26 +299,38 @@ def finetune(
     ft_lda = holdout_quality(
         (raw_ft[fit_rows] - mean) @ matrix, labels[fit_rows], (raw_ft[val_rows] - mean) @ matrix, labels[val_rows]
     )
-    ens_q, calibration, ensemble = None, None, Ensemble(extractor.dim, raw0.shape[1] - extractor.dim)
+    refit_history: list = []
+    if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
+        # The held-out photos chose the epoch count and judged the model; the kept model learns from them too.
+        _, best_state, refit_history = train(np.arange(len(labels)), best["epoch"], False, "fine-tune: refit on all")
+    tails = cfg.tails if cfg.ensemble else 1
+    tail_states, ens_q, calibration = [best_state], None, None
+    ensemble = Ensemble(extractor.dim, raw0.shape[1] - extractor.dim, tails)
     if cfg.ensemble:
-        both = two_tail_raw(raw_ft, raw0, extractor.dim)
+        raws = [raw_ft]
+        for t in range(1, tails):  # the same recipe and number of epochs, other batches and views
+            _, state, _ = train(
+                fit_rows, best["epoch"], False, f"fine-tune: tail {t + 1} of {tails}", cfg.seed + 10 * t
+            )
+            tail_states.append(state)
+            raws.append(validate()[1])
+        both = ensemble_raw(raws, raw0, extractor.dim)
         proj = fit_ensemble(both[fit_rows], labels[fit_rows], ensemble)
         fitted, held_out = proj.apply(both[fit_rows]), proj.apply(both[val_rows])
         ens_q = holdout_quality(fitted, labels[fit_rows], held_out, labels[val_rows])
         logger.info("fine-tune: held-out recall@1 / MAP@R of the ensemble %.3f / %.3f", ens_q["product_recall@1"],
                     ens_q["map@r"])  # fmt: skip
-    refit_history: list = []
-    if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
-        # The held-out photos chose the epoch count and judged the model; the kept model learns from them too.
-        _, best_state, refit_history = train(np.arange(len(labels)), best["epoch"], False, "fine-tune: refit on all")
     if cfg.ensemble and cfg.calibration_fraction > 0 and best["epoch"] > cfg.warmup_epochs:
-        # The same recipe, as many epochs, without a seeded group of products: their photos are then what a
-        # product the index does not hold looks like to this kind of network.
+        # The same tails, as many epochs, without a seeded group of products: their photos are then what a product
+        # the index does not hold looks like to this kind of network.
         unknown = outliers.pick_unknown(len(products), cfg.calibration_fraction, np.random.default_rng(cfg.seed + 3))
         unknown_rows = unknown[y]
-        train(fit_rows[~unknown_rows[fit_rows]], best["epoch"], False, "fine-tune: calibration run")
-        _, raw_cal = validate()
-        calibration = calibrate_ensemble(two_tail_raw(raw_cal, raw0, extractor.dim), labels, unknown_rows, ensemble)
+        raws = []
+        for t in range(tails):
+            desc = f"fine-tune: calibration run {t + 1} of {tails}"
+            train(fit_rows[~unknown_rows[fit_rows]], best["epoch"], False, desc, cfg.seed + 10 * t)
+            raws.append(validate()[1])
+        calibration = calibrate_ensemble(ensemble_raw(raws, raw0, extractor.dim), labels, unknown_rows, ensemble)
         if calibration is not None:
             logger.info(
                 "fine-tune: no-match threshold %.3f from %d products it never learnt (held-out AUROC %.3f)",
@@ -332,7 +348,7 @@ def finetune(
         "excluded_products": sorted(exclude_products),
         "sampled": sampled,
         "validation": {"untuned": base, "lda": lda_q, "finetuned": best, "finetuned+lda": ft_lda, "ensemble": ens_q},
-        "ensemble": {"dim": ensemble.dim, "aux": ensemble.aux} if cfg.ensemble else None,
+        "ensemble": {"dim": ensemble.dim, "aux": ensemble.aux, "tails": tails} if cfg.ensemble else None,
         "calibration": calibration,
         "history": history,
         "refit_history": refit_history,
@@ -350,11 +366,10 @@ def finetune(
             f"({ft_lda['map@r']:.3f} with the LDA on top{also}), the LDA on the base model {lda_q['map@r']:.3f}; "
             "keeping the base model (tune: true)"
         )
-    model.load_state_dict(best_state)
-    state = two_tail_state(model, cfg.tail_blocks, init_state) if cfg.ensemble else best_state
+    state = ensemble_state(model, cfg.tail_blocks, init_state, tail_states) if cfg.ensemble else best_state
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    two_tail = cfg.tail_blocks if cfg.ensemble else None
-    path = save_checkpoint(state, info, out_path, Path(settings.cache_dir), extractor.spec.name, two_tail=two_tail)
+    layout = {"tail_blocks": cfg.tail_blocks, "tuned_tails": tails} if cfg.ensemble else None
+    path = save_checkpoint(state, info, out_path, Path(settings.cache_dir), extractor.spec.name, ensemble=layout)
     sha = file_sha(path)
     info["sha256"] = sha
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
@@ -386,29 +401,33 @@ def sample_photos(labels: np.ndarray, max_photos: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(kept))
 
 
-def two_tail_state(model, tail_blocks: int, base_state: dict) -> dict:
-    """The state dict of a :class:`lookalike.nets.TwoTailMaps` whose tuned tail is ``model``'s (fine-tuned) tail
-    and whose base network is ``model`` with ``base_state`` (its weights before fine-tuning)."""
+def ensemble_state(model, tail_blocks: int, base_state: dict, tail_states: list[dict]) -> dict:
+    """The state dict of a :class:`lookalike.nets.TailEnsembleMaps`: ``model`` with ``base_state`` (its weights
+    before fine-tuning) as the base network, and the tail of ``model`` under each of ``tail_states``."""
     import copy
 
-    from .nets import TwoTailMaps
+    from .nets import TailEnsembleMaps
 
-    tuned = copy.deepcopy(model.tail_parts(tail_blocks)).state_dict()
-    base = copy.deepcopy(model)
-    base.load_state_dict(base_state)
-    two = TwoTailMaps(base, tail_blocks)
-    two.tuned.load_state_dict(tuned)
-    return two.state_dict()
+    work = copy.deepcopy(model)
+    tuned = []
+    for state in tail_states:
+        work.load_state_dict(state)
+        tuned.append(copy.deepcopy(work.tail_parts(tail_blocks).state_dict()))
+    work.load_state_dict(base_state)
+    ens = TailEnsembleMaps(work, tail_blocks, len(tail_states))
+    for parts, state in zip(ens.tuned, tuned):
+        parts.load_state_dict(state)
+    return ens.state_dict()
 
 
 def save_checkpoint(
-    state: dict, info: dict, out_path, cache_dir: Path, model_name: str, *, two_tail: int | None = None
+    state: dict, info: dict, out_path, cache_dir: Path, model_name: str, *, ensemble: dict | None = None
 ) -> Path:
-    """The state dict as safetensors, written atomically; the default name carries its content hash. ``two_tail``:
-    the state is a TwoTailMaps' with a tail of that many blocks (recorded in the metadata the loader reads)."""
+    """The state dict as safetensors, written atomically; the default name carries its content hash. ``ensemble``
+    (tail_blocks, tuned_tails): the state is a TailEnsembleMaps', recorded in the metadata the loader reads."""
     from safetensors.torch import save
 
-    meta = {"method": "finetune", "base_model": model_name, **({"two_tail": two_tail} if two_tail else {})}
+    meta = {"method": "finetune", "base_model": model_name, **({"tail_ensemble": ensemble} if ensemble else {})}
     data = save(state, metadata={"lookalike": json.dumps(meta)})
     if out_path is None:
         out_path = cache_dir / "finetuned" / f"{model_name}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"

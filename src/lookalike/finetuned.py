@@ -145,13 +145,15 @@ def _summary(info: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def ensemble_for(extractor) -> Any:
     """The :class:`lookalike.tuning.Ensemble` an index built with ``extractor`` uses (None: a single network).
     Its calibration is the one the fine-tune measured, from the checkpoint's ``.json`` report beside it."""
-    from .backbones import two_tail_blocks
+    from .backbones import ensemble_layout
     from .tuning import Ensemble
 
     weights = extractor.settings.weights_path
-    if two_tail_blocks(weights) is None:
+    layout = ensemble_layout(weights)
+    if layout is None:
         return None
-    aux = extractor.raw_dim - 2 * extractor.dim
+    tails = layout[1]
+    aux = (extractor.raw_dim - (tails + 1) * extractor.dim) // (tails + 1)
     calibration = None
     sidecar = Path(weights).expanduser().with_suffix(".json")
     try:
@@ -159,7 +161,7 @@ def ensemble_for(extractor) -> Any:
     except (OSError, ValueError, AttributeError) as exc:
         logger.warning("no fine-tune calibration for %s (%s): the no-match threshold is calibrated on the catalog "
                        "and will be low", weights, exc)  # fmt: skip
-    return Ensemble(extractor.dim, aux // 2, calibration)
+    return Ensemble(extractor.dim, aux, tails, calibration)
 
 
 def _relative(path: Path, cache_dir: Path) -> str:

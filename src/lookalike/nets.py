@@ -40,7 +40,7 @@ class EfficientNetLiteMaps(EfficientNetLite):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         return self.run_tail(self.run_trunk(x, 0), self.tail_parts(0))
 
-    # The split fine-tuning trains across (lookalike.finetune_net) and TwoTailMaps runs: a frozen trunk, then the
+    # The split fine-tuning trains across (lookalike.finetune_net) and TailEnsembleMaps runs: a frozen trunk, then the
     # last ``tail_blocks`` blocks and the head convolution ("tail parts", in order).
     def tail_parts(self, tail_blocks: int) -> nn.ModuleList:
         first = len(self._blocks) - tail_blocks
@@ -81,27 +81,27 @@ class TinyNet(nn.Module):
         return torch.relu(parts[0](x)), x
 
 
-class TwoTailMaps(nn.Module):
-    """A backbone and a fine-tuned copy of its tail on the shared frozen trunk: ``tune: finetune``'s network.
+class TailEnsembleMaps(nn.Module):
+    """A backbone and fine-tuned copies of its tail on the shared frozen trunk: ``tune: finetune``'s network.
 
-    Returns (tuned main map, base main map, tuned aux map, base aux map), so the pooled raw vector starts with the
-    fine-tuned embedding (what the index compares, as a model's ``dim`` first values) and carries the base model's
-    raw vector too, which the catalog projection turns into the base model's LDA: the index's ensemble
-    (:func:`lookalike.tuning.fit_ensemble`). The trunk runs once; the second tail costs little (on
-    EfficientNet-Lite0 the last block and head convolution work on a 7 x 7 map).
+    Returns (each tuned tail's main map, the base main map, each tuned tail's aux map, the base aux map), so the
+    pooled raw vector starts with the (first) fine-tuned embedding (what an untuned index compares, as a model's
+    ``dim`` first values) and carries the base model's raw vector too, which the catalog projection turns into the
+    base model's LDA: the index's ensemble (:func:`lookalike.tuning.fit_ensemble`). The trunk runs once; each tail
+    costs little (on EfficientNet-Lite0 the last block and the head convolution work on a 7 x 7 map).
     """
 
-    def __init__(self, base: nn.Module, tail_blocks: int):
+    def __init__(self, base: nn.Module, tail_blocks: int, tuned_tails: int = 1):
         super().__init__()
         self.base = base
         self.tail_blocks = tail_blocks
-        self.tuned = copy.deepcopy(base.tail_parts(tail_blocks))
+        self.tuned = nn.ModuleList(copy.deepcopy(base.tail_parts(tail_blocks)) for _ in range(tuned_tails))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.run_tails(self.base.run_trunk(x, self.tail_blocks))
 
     def run_tails(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The four maps from the trunk's output."""
-        main_t, aux_t = self.base.run_tail(x, self.tuned)
-        main_b, aux_b = self.base.run_tail(x, self.base.tail_parts(self.tail_blocks))
-        return main_t, main_b, aux_t, aux_b
+        """The maps from the trunk's output: main maps (tuned tails, then base), then aux maps in the same order."""
+        outs = [self.base.run_tail(x, parts) for parts in self.tuned]
+        outs.append(self.base.run_tail(x, self.base.tail_parts(self.tail_blocks)))
+        return tuple(main for main, _ in outs) + tuple(aux for _, aux in outs)

@@ -103,26 +103,32 @@ class Projection:
 
 @dataclass(frozen=True)
 class Ensemble:
-    """The raw layout of a fine-tuned two-tail network (:class:`lookalike.nets.TwoTailMaps`) and what its fine-tune
-    measured: raw = [tuned main (dim), base main (dim), tuned aux (aux), base aux (aux)]."""
+    """The raw layout of a fine-tuned tail ensemble (:class:`lookalike.nets.TailEnsembleMaps`) and what its fine-tune
+    measured: raw = [tuned main x tails, base main, tuned aux x tails, base aux], ``dim`` and ``aux`` values each."""
 
     dim: int
     aux: int
+    tails: int = 1
     calibration: dict[str, Any] | None = None  # the fine-tune's no-match threshold, on products it never learnt
 
+    def tuned_columns(self, i: int) -> np.ndarray:
+        """Tuned tail ``i``'s embedding inside the raw vector."""
+        return np.arange(i * self.dim, (i + 1) * self.dim)
+
     def base_columns(self) -> np.ndarray:
-        """The base model's own raw vector (main then aux) inside the two-tail raw vector."""
-        d, a = self.dim, self.aux
-        return np.r_[d : 2 * d, 2 * d + a : 2 * d + 2 * a]
+        """The base model's own raw vector (main then aux) inside the raw vector."""
+        d, a, t = self.dim, self.aux, self.tails
+        main, aux = t * d, (t + 1) * d + t * a
+        return np.r_[main : main + d, aux : aux + a]
 
     @property
     def raw_dim(self) -> int:
-        return 2 * (self.dim + self.aux)
+        return (self.tails + 1) * (self.dim + self.aux)
 
 
 def fit_ensemble(raw: np.ndarray, labels: np.ndarray, ensemble: Ensemble) -> Projection:
-    """The projection of a fine-tuned two-tail network's index: the fine-tuned embedding and the LDA of the base
-    model's raw vector, each normalised, so that the index compares the mean of the two cosines.
+    """The projection of a fine-tuned tail ensemble's index: the fine-tuned embedding(s) and the LDA of the base
+    model's raw vector, each normalised, so that the index compares the mean of their cosines.
 
     The two disagree where it helps: the fine-tuned embedding tells apart the catalog's look-alikes, the base
     model's LDA keeps what ImageNet features know about a new shot of a product (on the Grocery dev queries the
@@ -135,25 +141,25 @@ def fit_ensemble(raw: np.ndarray, labels: np.ndarray, ensemble: Ensemble) -> Pro
             f"ensemble's LDA needs {MIN_PRODUCTS} or more"
         )
     if raw.shape[1] != ensemble.raw_dim:
-        raise ValueError(f"a two-tail network's raw vectors have {ensemble.raw_dim} values, got {raw.shape[1]}")
+        raise ValueError(f"this tail ensemble's raw vectors have {ensemble.raw_dim} values, got {raw.shape[1]}")
     cols = ensemble.base_columns()
     base_mean, base_matrix = lda(raw[:, cols], labels, SHRINKAGE)
-    k = base_matrix.shape[1]
+    k, tuned = base_matrix.shape[1], ensemble.tails * ensemble.dim
     mean = np.zeros(ensemble.raw_dim, np.float32)
     mean[cols] = base_mean
-    matrix = np.zeros((ensemble.raw_dim, ensemble.dim + k), np.float32)
-    matrix[np.arange(ensemble.dim), np.arange(ensemble.dim)] = 1.0
-    matrix[cols, ensemble.dim :] = base_matrix
+    matrix = np.zeros((ensemble.raw_dim, tuned + k), np.float32)
+    matrix[np.arange(tuned), np.arange(tuned)] = 1.0  # the tuned embeddings come first in both
+    matrix[cols, tuned:] = base_matrix
     info = {
         "method": "ensemble",
-        "parts": ["fine-tuned embedding", "LDA of the base model"],
+        "parts": ["fine-tuned embedding"] * ensemble.tails + ["LDA of the base model"],
         "shrinkage": SHRINKAGE,
-        "dim": ensemble.dim + k,
+        "dim": tuned + k,
         "products": len(np.unique(labels)),
         "images": len(labels),
     }
-    logger.info("ensemble projection: fine-tuned %d dims + base LDA %d dims", ensemble.dim, k)
-    return Projection(mean, matrix, info, blocks=(ensemble.dim, k))
+    logger.info("ensemble projection: %d fine-tuned x %d dims + base LDA %d dims", ensemble.tails, ensemble.dim, k)
+    return Projection(mean, matrix, info, blocks=(ensemble.dim,) * ensemble.tails + (k,))
 
 
 def lda(x: np.ndarray, labels: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
@@ -436,9 +442,9 @@ def _quantiles(scores: np.ndarray) -> dict[str, float]:
     return {f"{q:.2f}": float(np.quantile(scores, q)) for q in np.arange(0.05, 1.0, 0.05)}
 
 
-def two_tail_raw(tuned: np.ndarray, base: np.ndarray, dim: int) -> np.ndarray:
-    """A two-tail network's raw vectors (:class:`Ensemble`'s layout) from its two models' own raw vectors."""
-    return np.hstack([tuned[:, :dim], base[:, :dim], tuned[:, dim:], base[:, dim:]])
+def ensemble_raw(tuned: list[np.ndarray], base: np.ndarray, dim: int) -> np.ndarray:
+    """A tail ensemble's raw vectors (:class:`Ensemble`'s layout) from its networks' own raw vectors."""
+    return np.hstack([t[:, :dim] for t in tuned] + [base[:, :dim]] + [t[:, dim:] for t in tuned] + [base[:, dim:]])
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -497,9 +503,9 @@ def adapt(
     so without a projection the threshold comes out far too low (on Grocery, a subset of 50 produce items: 0 % of
     unknown products' photos flagged no match; docs/quality.md).
 
-    ``ensemble`` (raw vectors of a two-tail network, :func:`lookalike.finetuned.ensemble_for`): the projection is
+    ``ensemble`` (raw vectors of a tail ensemble, :func:`lookalike.finetuned.ensemble_for`): the projection is
     :func:`fit_ensemble`, and the threshold the one its fine-tune calibrated on products it never learnt."""
-    if ensemble is not None and tune:  # (untuned, a two-tail network's index holds its fine-tuned embedding alone)
+    if ensemble is not None and tune:  # (untuned, a tail ensemble's index holds its first fine-tuned embedding alone)
         return _adapt_ensemble(raw, labels, dim, ensemble)
     projection, tuning = None, {"status": "off"}
     if tune:
