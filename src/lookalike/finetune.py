@@ -16,9 +16,13 @@ convolution with a normalised-softmax loss (a cosine classifier over one proxy p
 - the result must beat both the untuned features and the LDA projection (:mod:`lookalike.tuning`) on those held-out
   photos, or :class:`FinetuneDeclined` says why.
 
-The output is the full backbone state dict as safetensors (plus a JSON sidecar), loadable through the existing
-``weights_path`` setting: its sha256 becomes the weights fingerprint, so manifests and embedding caches of the
-fine-tuned model never mix with the base model's, and the fast runtimes export it like any checkpoint.
+The output is a state dict as safetensors (plus a JSON sidecar), loadable through the existing ``weights_path``
+setting: its sha256 becomes the weights fingerprint, so manifests and embedding caches of the fine-tuned model
+never mix with the base model's, and the fast runtimes export it like any checkpoint. By default (``ensemble``) it
+is a :class:`lookalike.nets.TailEnsembleMaps`: the base network with the fine-tuned tail(s) beside its own on the
+shared trunk, which an index turns into the mean of the fine-tuned cosine and the base model's LDA cosine
+(:func:`lookalike.tuning.fit_ensemble`); a second run without a quarter of the products sets its no-match
+threshold (:func:`lookalike.tuning.calibrate_ensemble`).
 """
 
 from __future__ import annotations
