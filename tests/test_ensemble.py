@@ -64,7 +64,8 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
     proj = fit_ensemble(raw, labels, ens)
     mean, matrix = lda(base, labels, SHRINKAGE)
     expected = np.hstack([l2_normalize(tuned[:, :7]), l2_normalize((base - mean) @ matrix)]) / np.sqrt(2)
-    np.testing.assert_allclose(proj.apply(raw), expected, atol=1e-5)
+    y = proj.apply(raw)  # the tuned block is rotated onto its leading directions: the same cosines
+    np.testing.assert_allclose(y @ y.T, expected @ expected.T, atol=1e-5)
     assert proj.blocks == (7, matrix.shape[1]) and proj.info["method"] == "ensemble"
     tuned_index = adapt(raw, labels, 7, tune="finetune", ensemble=ens)
     assert tuned_index.tuning["method"] == "ensemble" and tuned_index.projection.blocks == proj.blocks
@@ -78,6 +79,21 @@ def test_fit_ensemble_joins_the_tuned_embedding_and_the_base_models_lda():
         fit_ensemble(raw[:, :17], labels, ens)
     with pytest.raises(TuningDeclined, match="needs 5 or more"):
         fit_ensemble(raw[:24], labels[:24], ens)  # four products
+
+
+def test_a_wide_fine_tuned_embedding_keeps_its_leading_directions():
+    rng = np.random.default_rng(9)
+    labels = np.repeat([f"p{i:02d}" for i in range(10)], 6).astype(object)
+    tuned = np.abs(rng.normal(size=(60, 20)) @ rng.normal(size=(20, 300))).astype(np.float32)  # rank 20 in 300 dims
+    base, _ = _clusters(10, 6, 300, seed=10)
+    ens = Ensemble(dim=300, aux=0, tails=1)
+    proj = fit_ensemble(ensemble_raw([tuned], base, 300), labels, ens)
+    assert proj.blocks[0] == 128  # ENSEMBLE_TUNED_DIMS, the catalog having fewer products than that
+    part = proj.apply(ensemble_raw([tuned], base, 300))[:, :128] * np.sqrt(2)  # the tuned block, normalised
+    cos = l2_normalize(tuned) @ l2_normalize(tuned).T
+    np.testing.assert_allclose(part @ part.T, cos, atol=1e-4)  # 20 directions hold it all: cosines unchanged
+    wide, many = _clusters(150, 3, 300, seed=11)
+    assert fit_ensemble(ensemble_raw([wide], wide, 300), many, ens).blocks[0] == 150  # one a product
 
 
 def test_calibrate_ensemble_puts_the_threshold_at_a_quartile_of_the_products_it_never_learnt():
@@ -114,7 +130,8 @@ def test_two_tuned_tails_make_three_parts():
     assert proj.blocks[:2] == (7, 7) and len(proj.blocks) == 3
     mean, matrix = lda(base, labels, SHRINKAGE)
     parts = [l2_normalize(t1[:, :7]), l2_normalize(t2[:, :7]), l2_normalize((base - mean) @ matrix)]
-    np.testing.assert_allclose(proj.apply(raw), np.hstack(parts) / np.sqrt(3), atol=1e-5)
+    y, expected = proj.apply(raw), np.hstack(parts) / np.sqrt(3)
+    np.testing.assert_allclose(y @ y.T, expected @ expected.T, atol=1e-5)
 
 
 @pytest.mark.parametrize("tails", [1, 2])

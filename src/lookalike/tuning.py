@@ -45,6 +45,9 @@ NO_MATCH_QUANTILE = 0.5
 # queries were flagged match; at the lower quartile 93 %, with 49 % of unknown products' photos flagged no match
 # (chosen on those queries, the issue's target being >= 90 % of right answers; docs/quality.md).
 ENSEMBLE_NO_MATCH_QUANTILE = 0.25
+# The fine-tuned embedding in an ensemble index keeps this many leading directions, or one a product when the catalog
+# has more products (tuning.fit_ensemble).
+ENSEMBLE_TUNED_DIMS = 128
 # Validation and calibration compare every held-out photo with every catalog photo of the products they look at;
 # on a large catalog a seeded sample of this many products keeps that to seconds and bounded memory.
 MAX_CHECK_PRODUCTS = 400
@@ -144,22 +147,42 @@ def fit_ensemble(raw: np.ndarray, labels: np.ndarray, ensemble: Ensemble) -> Pro
         raise ValueError(f"this tail ensemble's raw vectors have {ensemble.raw_dim} values, got {raw.shape[1]}")
     cols = ensemble.base_columns()
     base_mean, base_matrix = lda(raw[:, cols], labels, SHRINKAGE)
-    k, tuned = base_matrix.shape[1], ensemble.tails * ensemble.dim
+    k = base_matrix.shape[1]
+    # Each fine-tuned embedding keeps its leading directions (uncentred: its cosines are of uncentred vectors);
+    # trained against one proxy a product, it lives in about that many, so this costs nothing and keeps the
+    # index small (docs/quality.md: 1280 -> 128 dims on Grocery moved Recall@1 by -0.007 to +0.014).
+    kept = min(ensemble.dim, max(ENSEMBLE_TUNED_DIMS, len(np.unique(labels))))
+    blocks = [uncentred_basis(raw[:, ensemble.tuned_columns(i)], kept) for i in range(ensemble.tails)]
+    width = sum(b.shape[1] for b in blocks)
     mean = np.zeros(ensemble.raw_dim, np.float32)
     mean[cols] = base_mean
-    matrix = np.zeros((ensemble.raw_dim, tuned + k), np.float32)
-    matrix[np.arange(tuned), np.arange(tuned)] = 1.0  # the tuned embeddings come first in both
-    matrix[cols, tuned:] = base_matrix
+    matrix = np.zeros((ensemble.raw_dim, width + k), np.float32)
+    start = 0
+    for i, basis in enumerate(blocks):  # the tuned embeddings come first in both
+        matrix[ensemble.tuned_columns(i), start : start + basis.shape[1]] = basis
+        start += basis.shape[1]
+    matrix[cols, width:] = base_matrix
     info = {
         "method": "ensemble",
         "parts": ["fine-tuned embedding"] * ensemble.tails + ["LDA of the base model"],
         "shrinkage": SHRINKAGE,
-        "dim": tuned + k,
+        "dim": width + k,
         "products": len(np.unique(labels)),
         "images": len(labels),
     }
-    logger.info("ensemble projection: %d fine-tuned x %d dims + base LDA %d dims", ensemble.tails, ensemble.dim, k)
-    return Projection(mean, matrix, info, blocks=(ensemble.dim,) * ensemble.tails + (k,))
+    logger.info("ensemble projection: %d fine-tuned x %d dims + base LDA %d dims", ensemble.tails, kept, k)
+    return Projection(mean, matrix, info, blocks=tuple(b.shape[1] for b in blocks) + (k,))
+
+
+def uncentred_basis(x: np.ndarray, k: int, *, max_rows: int = 50_000, seed: int = 0) -> np.ndarray:
+    """(d, <= k) float32: the ``k`` leading right singular vectors of ``x`` (not centred), from a seeded sample of
+    at most ``max_rows`` rows; projecting on them keeps the dot products ``x`` has with itself, up to the rest."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) > max_rows:
+        x = x[np.random.default_rng(seed).choice(len(x), max_rows, replace=False)]
+    eigval, eigvec = np.linalg.eigh(x.T @ x)
+    order = np.argsort(eigval)[::-1][: min(k, x.shape[1])]
+    return eigvec[:, order].astype(np.float32)
 
 
 def lda(x: np.ndarray, labels: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
