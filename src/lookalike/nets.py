@@ -88,7 +88,7 @@ class TailEnsembleMaps(nn.Module):
     pooled raw vector starts with the (first) fine-tuned embedding (what an untuned index compares, as a model's
     ``dim`` first values) and carries the base model's raw vector too, which the catalog projection turns into the
     base model's LDA: the index's ensemble (:func:`lookalike.tuning.fit_ensemble`). The trunk runs once; each tail
-    costs little (on EfficientNet-Lite0 the last block and the head convolution work on a 7 x 7 map).
+    costs little (on EfficientNet-Lite0 the last block and the head convolution work on an 8 x 8 map at 256 px).
     """
 
     def __init__(self, base: nn.Module, tail_blocks: int, tuned_tails: int = 1):
