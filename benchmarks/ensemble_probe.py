@@ -4,9 +4,11 @@
     python benchmarks/ensemble_probe.py --leave-out 20 --calibration ft-<never-learnt>.safetensors ft-<run>.safetensors
 
 Checkpoints come from ``outlier_bench.py`` (its ``--work`` folder also holds the frozen trunk's cached maps that
-this reads). For every checkpoint it prints image Recall@1, product Recall@1, product hit@5 and MAP@R of the dev
-query photos against the catalog for: the fine-tuned embedding alone, the LDA refitted on it (what ``tune:
-finetune`` builds), and the ensemble (the fine-tuned vector and the base model's LDA vector, each normalised, then
+this reads), trained as single networks (``--config '{"ensemble": false}'``): the probe builds the ensemble
+itself, which ``tune: finetune`` now does in one network (measure that with ``lookalike eval``). For every
+checkpoint it prints image Recall@1, product Recall@1, product hit@5 and MAP@R of the dev query photos against
+the catalog for: the fine-tuned embedding alone, the LDA refitted on it (what ``tune: finetune`` built before the
+ensemble), and the ensemble (the fine-tuned vector and the base model's LDA vector, each normalised, then
 concatenated: the two cosines averaged). With ``--leave-out N`` the N products ``lookalike eval --leave-out N``
 leaves out are out of the index (the checkpoints must have been trained without them too), and with
 ``--calibration`` (a run with ``unknown_rotate: false, unknown_weight: 0``: a fixed group it never learnt) the
