@@ -383,3 +383,13 @@ def test_tensor_decoder_mixed_batch_with_bad_files(tensor_extractor, photos, ref
     got = result.vectors[:, :DIM]
     want = reference[[0, 1, 2]]
     assert ((got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)).min() > 0.99
+
+
+def test_an_export_of_another_width_is_refused_with_what_to_do(make_settings, photos):
+    # An export is found by its identity (weights fingerprint, input size, ...): one cached by a version of the
+    # network with another output (a code change under the same checkpoint) must not fill vectors silently.
+    extractor = FeatureExtractor(make_settings(runtime="onnx"))
+    real = extractor.runner
+    extractor.runner = lambda pixels: real(pixels)[:, :-1]
+    with pytest.raises(RuntimeError, match=r"gives 95 values a photo where test_tiny with these weights gives 96"):
+        extractor.extract(photos[:2])

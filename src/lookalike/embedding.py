@@ -274,7 +274,14 @@ class FeatureExtractor:
 
     def embed_pixels(self, batch) -> np.ndarray:
         """Normalisation, network and pooling over a (B, H, W, 3) uint8 batch -> (B, raw_dim) float32."""
-        return self.runner(batch)
+        vectors = self.runner(batch)
+        if vectors.shape[-1] != self.raw_dim:  # an export cached for these weights by another version of the network
+            raise RuntimeError(
+                f"the {self.runtime} model exported under {self.settings.cache_dir}/models gives "
+                f"{vectors.shape[-1]} values a photo where {self.spec.name} with these weights gives {self.raw_dim}: "
+                "delete that folder's exports of this model, they are made again on the next run"
+            )
+        return vectors
 
     def _run(self, batch, out: np.ndarray, ok: list[int], formats: list[str], errors: dict[int, str]) -> None:
         if any(isinstance(item, JpegData) for _, item, _ in batch):
