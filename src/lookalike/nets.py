@@ -38,7 +38,7 @@ class EfficientNetLiteMaps(EfficientNetLite):
     """EfficientNet-Lite -> (head map, last block's map)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return self.run_tail(self.run_trunk(x, 0), self.tail_parts(0))
+        return self.run_tail(self.run_trunk(x, 0), (self._conv_head, self._bn1))
 
     # The split fine-tuning trains across (lookalike.finetune_net) and TailEnsembleMaps runs: a frozen trunk, then the
     # last ``tail_blocks`` blocks and the head convolution ("tail parts", in order).
@@ -52,7 +52,8 @@ class EfficientNetLiteMaps(EfficientNetLite):
             x = block(x)
         return x
 
-    def run_tail(self, x: torch.Tensor, parts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_tail(self, x: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail ``parts`` (blocks, then head convolution and its BatchNorm) on the trunk's output ``x``."""
         *blocks, conv_head, bn = parts
         for block in blocks:
             x = block(x)
@@ -69,7 +70,7 @@ class TinyNet(nn.Module):
         self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.run_tail(self.run_trunk(x, 1), self.tail_parts(1))
+        return self.run_tail(self.run_trunk(x, 1), (self.conv3,))
 
     def tail_parts(self, tail_blocks: int) -> nn.ModuleList:
         return nn.ModuleList([self.conv3])  # one block whatever is asked: the trunk is everything else
@@ -77,7 +78,7 @@ class TinyNet(nn.Module):
     def run_trunk(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         return torch.relu(self.conv2(torch.relu(self.conv1(x))))
 
-    def run_tail(self, x: torch.Tensor, parts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_tail(self, x: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.relu(parts[0](x)), x
 
 
@@ -96,6 +97,7 @@ class TailEnsembleMaps(nn.Module):
         self.base = base
         self.tail_blocks = tail_blocks
         self.tuned = nn.ModuleList(copy.deepcopy(base.tail_parts(tail_blocks)) for _ in range(tuned_tails))
+        self._base_tail = tuple(base.tail_parts(tail_blocks))  # the base model's own (its modules, not registered)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.run_tails(self.base.run_trunk(x, self.tail_blocks))
@@ -103,5 +105,5 @@ class TailEnsembleMaps(nn.Module):
     def run_tails(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The maps from the trunk's output: main maps (tuned tails, then base), then aux maps in the same order."""
         outs = [self.base.run_tail(x, parts) for parts in self.tuned]
-        outs.append(self.base.run_tail(x, self.base.tail_parts(self.tail_blocks)))
+        outs.append(self.base.run_tail(x, self._base_tail))
         return tuple(main for main, _ in outs) + tuple(aux for _, aux in outs)

@@ -404,27 +404,40 @@ def calibrate_no_match(
         db = l2_normalize(transform(raw[db_rows]))
         for rows, out, out_image in ((visible & held, pos, pos_image), (~visible & held, neg, neg_image)):
             if rows.any():
-                sims = l2_normalize(transform(raw[rows])) @ db.T
-                _, scores = product_scores(sims, labels[db_rows])
-                out.append(scores.max(axis=1))
-                out_image.append(sims.max(axis=1))  # the best single image: what an image-level hit reports
+                best, best_image = _best_scores(db, labels[db_rows], transform(raw[rows]))
+                out.append(best)
+                out_image.append(best_image)
     if not pos or not neg:
         return None
-    pos_s, neg_s = np.concatenate(pos), np.concatenate(neg)
-    pos_i, neg_i = np.concatenate(pos_image), np.concatenate(neg_image)
-    threshold = float(np.quantile(neg_s, NO_MATCH_QUANTILE))
-    image_threshold = float(np.quantile(neg_i, NO_MATCH_QUANTILE))
+    record = _calibration_record(
+        np.concatenate(pos), np.concatenate(neg), np.concatenate(pos_image), np.concatenate(neg_image),
+        NO_MATCH_QUANTILE,
+    )  # fmt: skip
+    return {**record, "folds": folds}
+
+
+def _best_scores(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(best product score, best single image similarity) of ``queries`` against the normalised catalog ``db``: what
+    a product result and an image-level hit would report."""
+    sims = l2_normalize(queries) @ db.T
+    _, scores = product_scores(sims, db_labels)
+    return scores.max(axis=1), sims.max(axis=1)
+
+
+def _calibration_record(pos, neg, pos_image, neg_image, quantile: float) -> dict[str, Any]:
+    """The thresholds at ``quantile`` of the should-not-match scores, and how the should-match ones fare."""
+    threshold = float(np.quantile(neg, quantile))
+    image_threshold = float(np.quantile(neg_image, quantile))
     return {
         "threshold": threshold,
-        "quantile": NO_MATCH_QUANTILE,
-        "held_out_catalog_match_rate": float(np.mean(pos_s >= threshold)),
-        "auroc_on_catalog": auroc(pos_s, neg_s),
+        "quantile": quantile,
+        "held_out_catalog_match_rate": float(np.mean(pos >= threshold)),
+        "auroc_on_catalog": auroc(pos, neg),
         "image_threshold": image_threshold,
-        "image_held_out_catalog_match_rate": float(np.mean(pos_i >= image_threshold)),
-        "image_auroc_on_catalog": auroc(pos_i, neg_i),
-        "in_catalog_queries": int(len(pos_s)),
-        "hidden_product_queries": int(len(neg_s)),
-        "folds": folds,
+        "image_held_out_catalog_match_rate": float(np.mean(pos_image >= image_threshold)),
+        "image_auroc_on_catalog": auroc(pos_image, neg_image),
+        "in_catalog_queries": int(len(pos)),
+        "hidden_product_queries": int(len(neg)),
     }
 
 
@@ -440,28 +453,15 @@ def calibrate_ensemble(raw: np.ndarray, labels: np.ndarray, unknown: np.ndarray,
         return None
     projection = fit_ensemble(raw[db_rows], labels[db_rows], ensemble)
     db = l2_normalize(projection.apply(raw[db_rows]))
-    out = {}
-    for name, rows in (("pos", pos_rows), ("neg", unknown)):
-        sims = l2_normalize(projection.apply(raw[rows])) @ db.T
-        _, scores = product_scores(sims, labels[db_rows])
-        out[name], out[name + "_image"] = scores.max(axis=1), sims.max(axis=1)
-    threshold = float(np.quantile(out["neg"], ENSEMBLE_NO_MATCH_QUANTILE))
-    image_threshold = float(np.quantile(out["neg_image"], ENSEMBLE_NO_MATCH_QUANTILE))
+    pos, pos_image = _best_scores(db, labels[db_rows], projection.apply(raw[pos_rows]))
+    neg, neg_image = _best_scores(db, labels[db_rows], projection.apply(raw[unknown]))
     return {
-        "threshold": threshold,
-        "quantile": ENSEMBLE_NO_MATCH_QUANTILE,
-        "held_out_catalog_match_rate": float(np.mean(out["pos"] >= threshold)),
-        "auroc_on_catalog": auroc(out["pos"], out["neg"]),
-        "image_threshold": image_threshold,
-        "image_held_out_catalog_match_rate": float(np.mean(out["pos_image"] >= image_threshold)),
-        "image_auroc_on_catalog": auroc(out["pos_image"], out["neg_image"]),
-        "in_catalog_queries": int(pos_rows.sum()),
-        "hidden_product_queries": int(unknown.sum()),
+        **_calibration_record(pos, neg, pos_image, neg_image, ENSEMBLE_NO_MATCH_QUANTILE),
         "hidden_products": int(len(np.unique(labels[unknown]))),
         "folds": 1,
         # the score distributions behind the threshold: another operating point is one quantile away
-        "hidden_score_quantiles": _quantiles(out["neg"]),
-        "held_out_score_quantiles": _quantiles(out["pos"]),
+        "hidden_score_quantiles": _quantiles(neg),
+        "held_out_score_quantiles": _quantiles(pos),
     }
 
 
