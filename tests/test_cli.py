@@ -237,6 +237,9 @@ def test_eval_writes_json(catalog, flags, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "recall@1" in out and "map@r" in out
+    header = next(line.split() for line in out.splitlines() if line.startswith("protocol"))
+    row = next(line.split() for line in out.splitlines() if line.startswith("photo->catalog"))
+    assert header[-1] == "product_recall@1" and row[-1] == "1.000"  # the first product search() answers
     assert f"wrote {out_file}" in out
     result = json.loads(out_file.read_text(encoding="utf-8"))
     metrics = result["protocols"]["photo->catalog"]["metrics"]

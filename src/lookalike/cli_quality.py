@@ -26,9 +26,10 @@ def cmd_eval(args, settings: Settings) -> int:
         f"catalog {args.catalog}: {result['catalog_images']} images of {result['catalog_products']} products; "
         f"model {result['model']['model_name']} at {result['model']['input_size']}px, tuning {tuning}"
     )
-    keys = ["recall@1", "precision@5", "map@r", "product_hit@5", "mrr"]
+    # recall@1 is the top image's product; product_recall@1 the first product search() answers by default
+    keys = ["recall@1", "precision@5", "map@r", "product_hit@5", "mrr", "product_recall@1"]
     rows = [
-        [name, p["metrics"]["queries"], *(f"{p['metrics'][k]:.3f}" for k in keys)]
+        [name, p["metrics"]["queries"], *(f"{p['metrics'].get(k, 0.0):.3f}" for k in keys)]
         for name, p in result["protocols"].items()
     ]
     print(_table(rows, ["protocol", "queries", *keys]))
