@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grocery", type=Path, default=DEFAULT_GROCERY)
     ap.add_argument("--cache-dir", type=Path, required=True, help="the cache dir of a `lookalike eval --leave-out` run")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--group", help="comma-separated left-out products: also the AUROC against their photos alone")
     args = ap.parse_args(argv)
     reports = [p for p in sorted((args.cache_dir / "finetuned").glob("*.json"))
                if json.loads(p.read_text()).get("excluded_products")]  # fmt: skip
@@ -80,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         "in_catalog_median_score": float(np.median(score[inside])),
         "left_out": {},
     }
+    if args.group:
+        group = [g.strip() for g in args.group.split(",") if g.strip()]
+        unknown = sorted(set(group) - hidden)
+        if unknown:
+            print(f"--group names products that were not left out: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        chosen = np.isin(labels, group)
+        out["group"] = {"products": group, "photos": int(chosen.sum()), "auroc": auroc(score[inside], score[chosen])}
     for p in sorted(hidden):
         m = labels == p
         if m.any():
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AUROC in catalog ({out['in_catalog_photos']} photos) vs left out: all {out['auroc_all']:.3f}, "
           f"with a relative in the index {out['auroc_with_relative']:.3f} ({out['photos_with_relative']} photos), "
           f"without {out['auroc_without_relative']:.3f} ({out['photos_without_relative']} photos)")  # fmt: skip
+    if "group" in out:
+        g = out["group"]
+        print(f"AUROC against the --group alone ({len(g['products'])} products, {g['photos']} photos): "
+              f"{g['auroc']:.3f}")  # fmt: skip
     print(f"median product score of in-catalog photos: {out['in_catalog_median_score']:.3f}")
     print(f"{'left-out product':32s} {'photos':>6s} {'median':>7s}  shared words -> lands on")
     for p, r in out["left_out"].items():
