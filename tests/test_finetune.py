@@ -205,16 +205,35 @@ def test_cli_tune_finetune_reports_a_decline(big_catalog: Path, tmp_path: Path, 
 def test_refit_on_all_photos_trains_again_for_the_chosen_epochs(big_catalog: Path, make_settings, tmp_path: Path):
     settings = make_settings(data_dir=big_catalog)
     base = dict(epochs=3, views=2, batch_size=16, lr=1e-2, require_gain=False, patience=5)
-    plain = ft.finetune(settings, config=ft.FinetuneConfig(**base), out_path=tmp_path / "a.safetensors", progress=False)
-    refit = ft.finetune(
-        settings, config=ft.FinetuneConfig(**base, refit_all=True), out_path=tmp_path / "b.safetensors", progress=False
-    )
+    plain = ft.FinetuneConfig(**base, refit_all=False)
+    plain = ft.finetune(settings, config=plain, out_path=tmp_path / "a.safetensors", progress=False)
+    refit = ft.finetune(settings, config=ft.FinetuneConfig(**base), out_path=tmp_path / "b.safetensors", progress=False)
     best = refit.info["validation"]["finetuned"]["epoch"]
+    assert refit.info["config"]["refit_all"] is True  # the default
     assert plain.info["refit_history"] == [] and best == plain.info["validation"]["finetuned"]["epoch"]
     assert best > 1  # past the warm-up (held-out ties go to the more trained epoch), so the refit runs
     assert [h["epoch"] for h in refit.info["refit_history"]] == list(range(1, best + 1))
     assert refit.sha256 != plain.sha256  # the held-out photos changed the kept weights
     assert refit.info["validation"] == plain.info["validation"]  # judged before the refit, on photos it had not seen
+    assert refit.info["calibration"] == plain.info["calibration"]  # from its own run, which leaves products out
+
+
+def test_refit_trains_every_tail_again_and_judges_them_before(big_catalog: Path, make_settings, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    settings = make_settings(data_dir=big_catalog)
+    base = dict(epochs=3, views=2, batch_size=16, lr=1e-2, require_gain=False, patience=5, tails=2)
+    plain = ft.FinetuneConfig(**base, refit_all=False)
+    plain = ft.finetune(settings, config=plain, out_path=tmp_path / "a.safetensors", progress=False)
+    refit = ft.finetune(settings, config=ft.FinetuneConfig(**base), out_path=tmp_path / "b.safetensors", progress=False)
+    best = refit.info["validation"]["finetuned"]["epoch"]
+    assert best > 1
+    assert [h["epoch"] for h in refit.info["refit_history"]] == list(range(1, best + 1)) * 2  # both tails
+    assert refit.info["validation"] == plain.info["validation"]  # the ensemble too, judged before the refit
+    a, b = load_file(str(plain.path)), load_file(str(refit.path))
+    assert a.keys() == b.keys()
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in a if not torch.equal(a[k], b[k])}
+    assert len(changed) == 2, changed  # the two fine-tuned tails, and nothing of the base network or trunk
 
 
 def test_arcface_loss_trains_and_an_unknown_loss_is_refused(big_catalog: Path, make_settings, tmp_path: Path):

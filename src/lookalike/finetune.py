@@ -14,7 +14,8 @@ convolution with a normalised-softmax loss (a cosine classifier over one proxy p
 - the last quarter of each product's photos (catalog order, as :func:`lookalike.tuning.holdout_split`) is held out
   of the fit and decides early stopping; query photos are never seen;
 - the result must beat both the untuned features and the LDA projection (:mod:`lookalike.tuning`) on those held-out
-  photos, or :class:`FinetuneDeclined` says why.
+  photos, or :class:`FinetuneDeclined` says why; then (``refit_all``, the default) every fine-tuned tail is trained
+  again on all the photos for the chosen number of epochs, and that is what is saved.
 
 The output is a state dict as safetensors (plus a JSON sidecar), loadable through the existing ``weights_path``
 setting: its sha256 becomes the weights fingerprint, so manifests and embedding caches of the fine-tuned model
@@ -81,7 +82,7 @@ class FinetuneConfig:
     scale: float = 24.0  # cosine-logit scale (1 / temperature)
     margin: float = 0.5  # on the true product: subtracted from its cosine (cosface) or added to its angle (arcface)
     loss: str = "cosface"  # cosface or arcface; with margin 0 both are the plain normalised softmax
-    refit_all: bool = False  # after early stopping, train again on every photo for the chosen number of epochs
+    refit_all: bool = True  # after early stopping, train again on every photo for the chosen number of epochs
     patience: int = 3  # epochs without a better held-out MAP@R before stopping
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
@@ -303,10 +304,6 @@ def finetune(
     ft_lda = holdout_quality(
         (raw_ft[fit_rows] - mean) @ matrix, labels[fit_rows], (raw_ft[val_rows] - mean) @ matrix, labels[val_rows]
     )
-    refit_history: list = []
-    if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
-        # The held-out photos chose the epoch count and judged the model; the kept model learns from them too.
-        _, best_state, refit_history = train(np.arange(len(labels)), best["epoch"], False, "fine-tune: refit on all")
     tails = cfg.tails if cfg.ensemble else 1
     tail_states, ens_q, calibration = [best_state], None, None
     ensemble = Ensemble(extractor.dim, raw0.shape[1] - extractor.dim, tails)
@@ -324,6 +321,17 @@ def finetune(
         ens_q = holdout_quality(fitted, labels[fit_rows], held_out, labels[val_rows])
         logger.info("fine-tune: held-out recall@1 / MAP@R of the ensemble %.3f / %.3f", ens_q["product_recall@1"],
                     ens_q["map@r"])  # fmt: skip
+    refit_history: list = []
+    if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
+        # The held-out photos chose the epoch count and judged the models; the kept ones learn from them too
+        # (every tail with its own batches and views, as above).
+        refit = []
+        for t in range(tails):
+            desc = "fine-tune: refit on all" + (f" ({t + 1} of {tails})" if tails > 1 else "")
+            _, state, steps = train(np.arange(len(labels)), best["epoch"], False, desc, cfg.seed + 10 * t)
+            refit.append(state)
+            refit_history += steps
+        tail_states = refit
     if cfg.ensemble and cfg.calibration_fraction > 0 and best["epoch"] > cfg.warmup_epochs:
         # The same tails, as many epochs, without a seeded group of products: their photos are then what a product
         # the index does not hold looks like to this kind of network.
@@ -370,7 +378,7 @@ def finetune(
             f"({ft_lda['map@r']:.3f} with the LDA on top{also}), the LDA on the base model {lda_q['map@r']:.3f}; "
             "keeping the base model (tune: true)"
         )
-    state = ensemble_state(model, cfg.tail_blocks, init_state, tail_states) if cfg.ensemble else best_state
+    state = ensemble_state(model, cfg.tail_blocks, init_state, tail_states) if cfg.ensemble else tail_states[0]
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     layout = {"tail_blocks": cfg.tail_blocks, "tuned_tails": tails} if cfg.ensemble else None
     path = save_checkpoint(state, info, out_path, Path(settings.cache_dir), extractor.spec.name, ensemble=layout)

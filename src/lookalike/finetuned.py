@@ -32,7 +32,8 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 FOLDER = "finetuned"  # under cache_dir
-VERSION = 2  # bump when the same inputs would train a different model (2: the ensemble and its calibration run)
+VERSION = 3  # bump when the same inputs would train a different model (2: the ensemble and its calibration run;
+# 3: with refit_all, every tail is trained again on all photos, not only the first)
 
 
 @dataclass(frozen=True)
