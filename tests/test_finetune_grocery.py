@@ -56,8 +56,8 @@ def test_finetuning_beats_the_projection_alone(results):
     assert finetuned["catalog_products"] == 50 and finetuned["catalog_images"] == 1776
     assert finetuned["tuning"]["method"] == "ensemble"  # the fine-tuned embedding beside the base model's LDA
     ft, base = (r["protocols"]["photo->catalog"]["metrics"] for r in (finetuned, lda))
-    assert ft["map@r"] >= base["map@r"] + 0.03  # measured 0.837 against 0.775
-    assert ft["recall@1"] >= base["recall@1"]  # 0.867 against 0.832
+    assert ft["map@r"] >= base["map@r"] + 0.03  # measured 0.860 against 0.775
+    assert ft["recall@1"] >= base["recall@1"]  # 0.888 against 0.832
     # the frozen trunk ran on the fast runtime: its export sits beside the base model's
     assert list((results["cache"]["path"] / "models").glob("efficientnet_lite0-trunk-*-fp32.onnx"))
 
@@ -68,4 +68,4 @@ def test_no_match_stays_useful_after_finetuning(results):
     assert nm["finetune"]["excluded_products"] == nm["hidden_products"]
     assert nm["calibration"]["source"] == "fine-tune"  # set on products its calibration run never learnt
     assert nm["right_no_match_rate"] >= 0.25  # measured 0.333; 0.0 with a threshold from learnt products
-    assert nm["correct_flagged_match_rate"] >= 0.85  # measured 0.924
+    assert nm["correct_flagged_match_rate"] >= 0.85  # measured 0.926
