@@ -321,6 +321,18 @@ def finetune(
         ens_q = holdout_quality(fitted, labels[fit_rows], held_out, labels[val_rows])
         logger.info("fine-tune: held-out recall@1 / MAP@R of the ensemble %.3f / %.3f", ens_q["product_recall@1"],
                     ens_q["map@r"])  # fmt: skip
+    # Decided before the refit and the calibration run, which a declined fine-tune does not need. The fine-tuned
+    # model is kept when it (alone, or with the LDA refitted on its features, which is what an index
+    # built with it and tune: true uses) beats the LDA on the base model's features on held-out MAP@R.
+    # (or, with ensemble, the mean of the fine-tuned and the base model's LDA cosines)
+    kept = best["map@r"], ft_lda["map@r"], ens_q["map@r"] if ens_q else 0.0
+    if cfg.require_gain and max(kept) <= lda_q["map@r"]:
+        also = f", {ens_q['map@r']:.3f} as the ensemble" if ens_q else ""
+        raise FinetuneDeclined(
+            f"on held-out catalog photos the fine-tuned model scored MAP@R {best['map@r']:.3f} "
+            f"({ft_lda['map@r']:.3f} with the LDA on top{also}), the LDA on the base model {lda_q['map@r']:.3f}; "
+            "keeping the base model (tune: true)"
+        )
     refit_history: list = []
     if cfg.refit_all and best["epoch"] > cfg.warmup_epochs:
         # The held-out photos chose the epoch count and judged the models; the kept ones learn from them too
@@ -367,17 +379,6 @@ def finetune(
         "seconds": {"wall": round(wall, 3), "cpu": round(cpu, 3), "cache_wall": round(cache_s, 3)},
         "device": device,
     }
-    # The fine-tuned model is kept when it (alone, or with the LDA refitted on its features, which is what an index
-    # built with it and tune: true uses) beats the LDA on the base model's features on held-out MAP@R.
-    # (or, with ensemble, the mean of the fine-tuned and the base model's LDA cosines)
-    kept = best["map@r"], ft_lda["map@r"], ens_q["map@r"] if ens_q else 0.0
-    if cfg.require_gain and max(kept) <= lda_q["map@r"]:
-        also = f", {ens_q['map@r']:.3f} as the ensemble" if ens_q else ""
-        raise FinetuneDeclined(
-            f"on held-out catalog photos the fine-tuned model scored MAP@R {best['map@r']:.3f} "
-            f"({ft_lda['map@r']:.3f} with the LDA on top{also}), the LDA on the base model {lda_q['map@r']:.3f}; "
-            "keeping the base model (tune: true)"
-        )
     state = ensemble_state(model, cfg.tail_blocks, init_state, tail_states) if cfg.ensemble else tail_states[0]
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     layout = {"tail_blocks": cfg.tail_blocks, "tuned_tails": tails} if cfg.ensemble else None
