@@ -321,10 +321,9 @@ def finetune(
         ens_q = holdout_quality(fitted, labels[fit_rows], held_out, labels[val_rows])
         logger.info("fine-tune: held-out recall@1 / MAP@R of the ensemble %.3f / %.3f", ens_q["product_recall@1"],
                     ens_q["map@r"])  # fmt: skip
-    # Decided before the refit and the calibration run, which a declined fine-tune does not need. The fine-tuned
-    # model is kept when it (alone, or with the LDA refitted on its features, which is what an index
-    # built with it and tune: true uses) beats the LDA on the base model's features on held-out MAP@R.
-    # (or, with ensemble, the mean of the fine-tuned and the base model's LDA cosines)
+    # Decided before the refit and the calibration run, which a declined fine-tune does not need: the fine-tune is
+    # kept when it beats the LDA on the base model's features on held-out MAP@R, alone, with the LDA refitted on its
+    # features (an index with tune: true and ensemble: false) or as the ensemble (the mean of the two cosines).
     kept = best["map@r"], ft_lda["map@r"], ens_q["map@r"] if ens_q else 0.0
     if cfg.require_gain and max(kept) <= lda_q["map@r"]:
         also = f", {ens_q['map@r']:.3f} as the ensemble" if ens_q else ""
